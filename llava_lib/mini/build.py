@@ -1,0 +1,211 @@
+"""Build the mini world once (seeded, cached) and check it by numbers.
+
+Steps: scenes -> JPEG files + SA1B-format parquet -> the real Qwen tokenizer -> mini Chinese-CLIP -> mini Qwen3
+-> the image cache (through the data pipeline, like the real run) -> build.json. A second call with the same
+settings finds build.json and returns in seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from .. import config
+from ..model.checkpoint import atomic_write_json
+from ..process import encode_conversation
+from . import scenes as sc
+
+BUILD_VERSION = 3  # bump when the builder's output changes, so old caches are rebuilt
+MINI_URL_BASE = "http://127.0.0.1:18765/"
+TOP1_MIN = 0.9        # the build is good when CLIP retrieval top-1 reaches this ...
+LOSS_RATIO_MAX = 0.5  # ... and true captions cost less than half the loss of shuffled ones
+CAP_SEG_FORMS = ("dict", "json", "literal", "json")  # one form per train shard; eval uses json
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    seed: int = 1234
+    n_train: int = 2400
+    n_eval: int = 200
+    n_lm_scenes: int = 8000
+    train_shards: int = 4
+    clip_steps: int = 150
+    llm_steps: int = 400
+    version: int = BUILD_VERSION
+
+
+def _log(msg: str) -> None:
+    print(f"[mini] {msg}", flush=True)
+
+
+def url_for(split: str, i: int) -> str:
+    return f"{MINI_URL_BASE}{split}/{i:06d}.jpg"
+
+
+def url_rewrite(root: Path) -> tuple[str, str]:
+    """Map the mini world's loopback URLs onto its image folder (no server needed to build the cache)."""
+    return MINI_URL_BASE, (root / "images").resolve().as_uri() + "/"
+
+
+def cap_seg_value(scene: sc.Scene, form: str):
+    seg = {"global_caption": scene.caption, "local_caption": sc.local_captions(scene)}
+    if form == "dict":
+        return seg
+    if form == "json":
+        return json.dumps(seg, ensure_ascii=False)
+    return repr(seg)  # a Python literal, as some SA1B exports store it
+
+
+def write_split(root: Path, split: str, scenes: list[sc.Scene], n_shards: int, forms) -> None:
+    """JPEG files under images/<split>/ and parquet shards with columns url, cap_seg."""
+    img_dir = root / "images" / split
+    img_dir.mkdir(parents=True, exist_ok=True)
+    for i, s in enumerate(scenes):
+        sc.render(s).save(img_dir / f"{i:06d}.jpg", quality=92)
+    data_dir = root / ("sa1b" if split == "train" else "sa1b_eval") / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, len(scenes), n_shards + 1).astype(int)
+    for k in range(n_shards):
+        form = forms[k % len(forms)]
+        rows = range(bounds[k], bounds[k + 1])
+        table = pa.table({"url": [url_for(split, i) for i in rows],
+                          "cap_seg": [cap_seg_value(scenes[i], form) for i in rows]})
+        pq.write_table(table, data_dir / f"{split}-{k:05d}-of-{n_shards:05d}.parquet")
+
+
+def load_images(root: Path, split: str, n: int) -> torch.Tensor:
+    """``[N,3,224,224]`` uint8, decoded from the JPEG files (what the pipeline sees)."""
+    arr = np.stack([np.asarray(Image.open(root / "images" / split / f"{i:06d}.jpg").convert("RGB"))
+                    for i in range(n)])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def _manifest_ok(root: Path, spec: BuildSpec) -> bool:
+    f = root / "build.json"
+    if not f.exists():
+        return False
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return False
+    needed = [root / "clip" / "config.json", root / "llm" / "config.json", root / "cache" / "train",
+              root / "cache" / "eval"]
+    return meta.get("spec") == asdict(spec) and all(p.exists() for p in needed)
+
+
+def build(root: Path | None = None, spec: BuildSpec = BuildSpec(), force: bool = False) -> dict:
+    """Build (or reuse) the mini world in ``root`` (default ``config.mini_root()``); returns build.json."""
+    root = Path(root or config.mini_root())
+    if not force and _manifest_ok(root, spec):
+        _log(f"迷你世界已存在，直接复用：{root}")
+        return json.loads((root / "build.json").read_text(encoding="utf-8"))
+    t0 = time.time()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    random.seed(spec.seed)
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    timings = {}
+
+    _log("1/6 生成合成图片与中文描述 ...")
+    train = sc.make_scenes(spec.n_train, spec.seed)
+    evals = sc.make_scenes(spec.n_eval, spec.seed + 1)
+    write_split(root, "train", train, spec.train_shards, CAP_SEG_FORMS)
+    write_split(root, "eval", evals, 1, ("json",))
+    timings["scenes"] = time.time() - t0
+
+    _log("2/6 用 dashscope 附带的 qwen.tiktoken 重建真实的 Qwen3 分词器 ...")
+    from .tokenizer import build_bert_tokenizer, build_qwen_tokenizer
+    qwen_tok = build_qwen_tokenizer(root / "tokenizer")
+    captions = [s.caption for s in train + evals]
+    bert_tok = build_bert_tokenizer(captions + [c for s in train for c in sc.local_captions(s)], root / "clip")
+    timings["tokenizers"] = time.time() - t0 - sum(timings.values())
+
+    _log(f"3/6 训练迷你 Chinese-CLIP（{spec.clip_steps} 步）...")
+    from .clip_train import train_clip
+    from transformers import ChineseCLIPImageProcessor, ChineseCLIPProcessor
+    clip = train_clip(load_images(root, "train", spec.n_train), train, bert_tok, steps=spec.clip_steps,
+                      seed=spec.seed, log=_log)
+    clip.save_pretrained(root / "clip")
+    image_processor = ChineseCLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    ChineseCLIPProcessor(image_processor=image_processor, tokenizer=bert_tok).save_pretrained(root / "clip")
+    timings["clip"] = time.time() - t0 - sum(timings.values())
+
+    _log(f"4/6 训练迷你 Qwen3（{spec.llm_steps} 步）...")
+    from .lm_train import train_llm
+    lm_scenes = sc.make_scenes(spec.n_lm_scenes, spec.seed + 2)
+    llm = train_llm(qwen_tok, lm_scenes, steps=spec.llm_steps, seed=spec.seed, log=_log)
+    llm.generation_config.eos_token_id = [qwen_tok.convert_tokens_to_ids("<|im_end|>"), qwen_tok.pad_token_id]
+    llm.generation_config.pad_token_id = qwen_tok.pad_token_id
+    llm.save_pretrained(root / "llm")
+    qwen_tok.save_pretrained(root / "llm")
+    timings["llm"] = time.time() - t0 - sum(timings.values())
+
+    _log("5/6 用数据管线把图片抓取进缓存（与真实训练相同的代码）...")
+    from ..data import prepare_cache
+    rewrite = url_rewrite(root)
+    prepare_cache(root / "sa1b", root / "cache" / "train", url_rewrite=rewrite, workers=4, progress=False)
+    prepare_cache(root / "sa1b_eval", root / "cache" / "eval", url_rewrite=rewrite, workers=4, progress=False)
+    timings["cache"] = time.time() - t0 - sum(timings.values())
+
+    _log("6/6 检查：CLIP 检索准确率、LLM 对真/乱序描述的损失 ...")
+    metrics = check(root, spec.seed)
+    meta = {"spec": asdict(spec), "metrics": metrics, "seconds": round(time.time() - t0, 1),
+            "timings": {k: round(v, 1) for k, v in timings.items()},
+            "torch": torch.__version__}
+    atomic_write_json(root / "build.json", meta)
+    _log(f"完成，用时 {meta['seconds']} 秒：{root}")
+    return meta
+
+
+@torch.no_grad()
+def check(root: Path | None = None, seed: int | None = None) -> dict:
+    """The numbers that say the mini world is usable, computed from the saved directories."""
+    from transformers import AutoTokenizer, ChineseCLIPModel, Qwen3ForCausalLM
+    from .clip_train import text_to_image_top1
+    root = Path(root or config.mini_root())
+    if seed is None:
+        manifest = root / "build.json"
+        seed = json.loads(manifest.read_text(encoding="utf-8"))["spec"]["seed"] if manifest.exists() else BuildSpec().seed
+    spec_n_eval = len(list((root / "images" / "eval").glob("*.jpg")))
+    evals = sc.make_scenes(spec_n_eval, seed + 1)
+    clip = ChineseCLIPModel.from_pretrained(str(root / "clip")).eval()
+    bert_tok = AutoTokenizer.from_pretrained(str(root / "clip"))
+    top1 = text_to_image_top1(clip, bert_tok, load_images(root, "eval", spec_n_eval), [s.caption for s in evals])
+
+    tok = AutoTokenizer.from_pretrained(str(root / "llm"))
+    llm = Qwen3ForCausalLM.from_pretrained(str(root / "llm")).eval()
+    rng = np.random.default_rng(0)
+
+    def answer_loss(answer_ids: list[int]) -> float:
+        conv = [{"role": "user", "content": "请描述一个简单的场景。"}]
+        prompt, _ = encode_conversation(tok, conv, 0, add_generation_prompt=True, enable_thinking=False)
+        ids = torch.tensor([prompt + answer_ids])
+        labels = ids.clone()
+        labels[0, :len(prompt)] = -100
+        return float(llm(input_ids=ids, labels=labels).loss)
+
+    true_l, shuf_l = [], []
+    for s in evals[:50]:
+        ids = tok(s.caption, add_special_tokens=False)["input_ids"]
+        perm = list(ids)
+        rng.shuffle(perm)
+        true_l.append(answer_loss(ids))
+        shuf_l.append(answer_loss(perm))
+    lt, ls = float(np.mean(true_l)), float(np.mean(shuf_l))
+    return {
+        "clip_text_to_image_top1": round(top1, 4),
+        "lm_loss_true_vs_shuffled": [round(lt, 4), round(ls, 4)],
+        "n_eval": spec_n_eval,
+        "ok": bool(top1 >= TOP1_MIN and lt * LOSS_RATIO_MAX < ls),
+    }

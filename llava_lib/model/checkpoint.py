@@ -1,0 +1,90 @@
+"""Projection checkpoints: safetensors weights + a JSON description, written atomically (no pickle)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "projection.safetensors"
+META = "projection.json"
+FORMAT = 1
+
+
+class CheckpointMismatchError(ValueError):
+    """A projection checkpoint that does not fit the model; the message lists what differs."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, ensure_ascii=False, indent=2).encode("utf-8"))
+
+
+def projection_meta(model) -> dict:
+    return {
+        "format": FORMAT,
+        "projector_type": model.projector_type,
+        "vision_hidden": model.vision.hidden_size,
+        "llm_hidden": model.llm.config.hidden_size,
+        "feature_layer": model.vision.feature_layer,
+        "num_image_tokens": model.num_image_tokens,
+        "model_ids": getattr(model, "model_ids", {}),
+    }
+
+
+def save_projection(directory: str | Path, model, extra: dict | None = None) -> Path:
+    """Write ``projection.safetensors`` and ``projection.json`` into ``directory``; returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.projector.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": str(FORMAT)})
+        os.replace(tmp, directory / WEIGHTS)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_json(directory / META, {**projection_meta(model), **(extra or {})})
+    return directory
+
+
+# Fields that must agree for the weights to mean the same thing; model ids only warn (paths move).
+_MUST_MATCH = ("projector_type", "vision_hidden", "llm_hidden", "feature_layer", "num_image_tokens")
+
+
+def load_projection(directory: str | Path, model, strict_ids: bool = False) -> dict:
+    """Load weights into ``model.projector`` after checking that the checkpoint fits; returns its JSON."""
+    directory = Path(directory)
+    if not (directory / WEIGHTS).exists() or not (directory / META).exists():
+        raise FileNotFoundError(
+            f"在 {directory} 中找不到投影层检查点（需要 {WEIGHTS} 和 {META}）。"
+            f"请先运行训练（llava-train），或检查目录是否正确。")
+    meta = json.loads((directory / META).read_text(encoding="utf-8"))
+    expected = projection_meta(model)
+    diffs = [f"{k}: 检查点={meta.get(k)!r}，当前模型={expected[k]!r}" for k in _MUST_MATCH if meta.get(k) != expected[k]]
+    if strict_ids and meta.get("model_ids") != expected["model_ids"]:
+        diffs.append(f"model_ids: 检查点={meta.get('model_ids')!r}，当前模型={expected['model_ids']!r}")
+    if diffs:
+        raise CheckpointMismatchError(f"检查点 {directory} 与当前模型不匹配：\n  " + "\n  ".join(diffs))
+    state = load_file(str(directory / WEIGHTS))
+    device = next(model.projector.parameters()).device
+    model.projector.load_state_dict({k: v.to(device) for k, v in state.items()})
+    return meta

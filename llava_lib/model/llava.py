@@ -1,0 +1,114 @@
+"""LLaVA Stage 1: frozen vision tower -> trainable projection -> frozen Qwen3.
+
+Shapes for the real models (mini world in brackets): pixels [B,3,224,224] -> vision [B,197,768 (128)]
+-> projection [B,197,1024 (64)] -> written at the 197 ``<|image_pad|>`` positions of the input embeddings
+-> Qwen3 -> hidden [B,T,1024] -> LM head only where a label exists -> cross-entropy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..process import IGNORE_INDEX, IMAGE_PAD_ID
+from .projector import build_projector
+from .vision import VisionTower
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor       # mean cross-entropy over label tokens
+    n_label_tokens: int
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+class LlavaStage1(nn.Module):
+    def __init__(self, vision: VisionTower | None, llm: nn.Module, projector_type: str = "linear",
+                 image_token_id: int = IMAGE_PAD_ID):
+        super().__init__()
+        self.vision = vision
+        self.llm = freeze(llm)
+        self.image_token_id = image_token_id
+        self.projector_type = projector_type
+        self.projector = None
+        if vision is not None:
+            # The projection stays fp32 whatever the towers' dtype (DESIGN.md, decision 5).
+            self.projector = build_projector(projector_type, vision.hidden_size, llm.config.hidden_size).float()
+            self.projector.to(next(llm.parameters()).device)
+
+    # Only the projection ever leaves eval mode; the towers are frozen for good.
+    def train(self, mode: bool = True):
+        self.training = mode
+        if self.projector is not None:
+            self.projector.train(mode)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_tokens if self.vision is not None else 0
+
+    def project_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N,3,224,224] -> [N,197,D_llm]`` in the projection's dtype (fp32, or bf16 under autocast)."""
+        feats = self.vision(pixel_values.to(self.device))           # no_grad inside, [N,197,D_v]
+        return self.projector(feats.to(next(self.projector.parameters()).dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the projected image features written at the ``<|image_pad|>`` positions."""
+        embeds = self.llm.get_input_embeddings()(input_ids)          # [B,T,D_llm], frozen
+        is_image = input_ids == self.image_token_id
+        n_slots = int(is_image.sum())
+        if image_features is None and pixel_values is not None:
+            image_features = self.project_images(pixel_values)
+        n_feats = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if n_slots != n_feats:
+            raise ValueError(
+                f"图片占位符数量（{n_slots} 个 <|image_pad|>）与图片特征数量（{n_feats}）不一致。"
+                f"每张图片应对应 {self.num_image_tokens} 个占位符；请用 llava_lib.process 构造输入。")
+        if n_slots == 0:
+            return embeds
+        # masked_scatter keeps the autograd path from the projection into the LLM's activations.
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_features.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                logits_chunk: int = 4096) -> StepOutput:
+        """The lean loss: the LM head runs only at positions whose next token has a label."""
+        input_ids = input_ids.to(self.device)
+        embeds = self.embed(input_ids, pixel_values)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        return lean_causal_lm_loss(self.llm.lm_head, hidden, labels.to(self.device), logits_chunk)
+
+
+def lean_causal_lm_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                        chunk: int = 4096) -> StepOutput:
+    """Mean next-token cross-entropy, evaluating the (151,936-way) head only at labelled positions.
+
+    Equal to transformers' causal-LM loss (shift by one, ignore -100, mean over label tokens), without ever
+    building ``[B, T, vocab]`` logits; rows are processed in chunks to bound the logits' memory.
+    """
+    targets = labels[:, 1:]
+    selected = targets != IGNORE_INDEX
+    h = hidden[:, :-1][selected]                                     # [N, D]
+    y = targets[selected]                                            # [N]
+    n = y.numel()
+    if n == 0:
+        return StepOutput(hidden.sum() * 0.0, 0)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, chunk):
+        logits = lm_head(h[s:s + chunk]).float()
+        total = total + F.cross_entropy(logits, y[s:s + chunk], reduction="sum")
+    return StepOutput(total / n, n)
