@@ -37,6 +37,11 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, json.dumps(obj, ensure_ascii=False, indent=2).encode("utf-8"))
 
 
+def _projector(model):
+    """The projection module itself, also when DDP wraps it (its state-dict keys must not say ``module.``)."""
+    return getattr(model.projector, "module", model.projector)
+
+
 def projection_meta(model) -> dict:
     return {
         "format": FORMAT,
@@ -53,7 +58,7 @@ def save_projection(directory: str | Path, model, extra: dict | None = None) -> 
     """Write ``projection.safetensors`` and ``projection.json`` into ``directory``; returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.projector.state_dict().items()}
+    state = {k: v.detach().float().cpu().contiguous() for k, v in _projector(model).state_dict().items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
@@ -85,6 +90,7 @@ def load_projection(directory: str | Path, model, strict_ids: bool = False) -> d
     if diffs:
         raise CheckpointMismatchError(f"检查点 {directory} 与当前模型不匹配：\n  " + "\n  ".join(diffs))
     state = load_file(str(directory / WEIGHTS))
-    device = next(model.projector.parameters()).device
-    model.projector.load_state_dict({k: v.to(device) for k, v in state.items()})
+    projector = _projector(model)
+    device = next(projector.parameters()).device
+    projector.load_state_dict({k: v.to(device) for k, v in state.items()})
     return meta

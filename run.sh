@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# 课程工作簿的两个入口：
+#   bash run.sh        安装缺少的依赖 → 构建迷你世界 → 在迷你世界上跑完 Stage 1 → 打印结果
+#   bash run.sh test   安装缺少的依赖 → 运行全部测试（单元测试 + 六个笔记本的 nbval + 浏览器测试）
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+
+ensure_deps() {
+  # PyTorch 先装：没有 torch 时，普通的 "torch" 依赖会拉下几个 GB 的 CUDA 版本。
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "[run.sh] 安装 PyTorch ..."
+    "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q torch
+  fi
+  if ! "$PY" -c "import llava_lib, nbval, transformers, modelscope, playwright" 2>/dev/null; then
+    echo "[run.sh] 安装本项目及其依赖（pip install -e .[dev]）..."
+    "$PY" -m pip install -q -e ".[dev]"
+  fi
+}
+
+ensure_chromium() {
+  # 浏览器测试用 Debian 的 chromium（不下载 Playwright 自带的浏览器）。
+  if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[run.sh] 安装 chromium（浏览器测试需要）..."
+    (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null))
+  fi
+}
+
+case "${1:-main}" in
+  main)
+    ensure_deps
+    "$PY" -m llava_lib.mini build
+    "$PY" -m llava_lib.train --profile mini
+    ;;
+  test)
+    ensure_deps
+    ensure_chromium
+    "$PY" -m llava_lib.mini build
+    "$PY" -m pytest -q --nbval-lax tests notebooks
+    ;;
+  *)
+    echo "用法：bash run.sh [main|test]" >&2
+    exit 2
+    ;;
+esac
