@@ -61,10 +61,12 @@ def _cache_of(out):
 
 @torch.no_grad()
 def generate_tokens(llm, inputs_embeds: torch.Tensor, stop_ids: set[int], cfg: GenerationConfig,
-                    stop_event: threading.Event | None = None) -> Iterator[int]:
+                    stop_event: threading.Event | None = None, *, fast: bool | None = None) -> Iterator[int]:
     """Yield new token ids one at a time. Prefill once from embeddings, then one token per step on the cache.
 
-    Stops at a stop id (not yielded), after ``max_new_tokens``, or when ``stop_event`` is set.
+    Stops at a stop id (not yielded), after ``max_new_tokens``, or when ``stop_event`` is set. ``fast`` picks the
+    decode steps: None = ``LLAVA_FAST_DECODE`` or, unset, CUDA graphs on a static cache when on a GPU
+    (:class:`llava_lib.model.accel.FastDecoder`, same tokens), transformers' dynamic cache on a CPU.
     """
     generator = None
     if cfg.do_sample and cfg.seed is not None:
@@ -73,16 +75,45 @@ def generate_tokens(llm, inputs_embeds: torch.Tensor, stop_ids: set[int], cfg: G
     cache, cache_kw = _cache_of(out), _cache_kwarg(llm)
     logits = out.logits[0, -1]
     device = inputs_embeds.device
-    for _ in range(cfg.max_new_tokens):
-        if stop_event is not None and stop_event.is_set():
-            return
-        token = _pick(logits.cpu() if generator is not None else logits, cfg, generator)
-        if token in stop_ids:
-            return
-        yield token
-        out = llm(input_ids=torch.tensor([[token]], device=device), use_cache=True, **{cache_kw: cache})
-        cache = _cache_of(out)
-        logits = out.logits[0, -1]
+    decoder = None
+    try:
+        for i in range(cfg.max_new_tokens):
+            if stop_event is not None and stop_event.is_set():
+                return
+            token = _pick(logits.cpu() if generator is not None else logits, cfg, generator)
+            if token in stop_ids:
+                return
+            yield token
+            if i == cfg.max_new_tokens - 1:
+                return  # the next token's logits would never be used
+            if i == 0 and inputs_embeds.shape[0] == 1:  # after the first token: time-to-first-token stays the same
+                decoder = _fast_decoder(llm, cache, inputs_embeds.shape[1] + cfg.max_new_tokens, fast)
+                if decoder is not None:
+                    cache = None
+            if decoder is not None:
+                logits = decoder.step(token)
+            else:
+                out = llm(input_ids=torch.tensor([[token]], device=device), use_cache=True, **{cache_kw: cache})
+                cache = _cache_of(out)
+                logits = out.logits[0, -1]
+    finally:
+        if decoder is not None:
+            decoder.lock.release()
+
+
+def _fast_decoder(llm, cache, needed_len: int, fast: bool | None):
+    """A FastDecoder loaded with ``cache``, or None for the plain path (CPU default, unsupported model, busy)."""
+    from .model.accel import acquire_decoder, fast_decode_wanted
+    if not fast_decode_wanted(llm, fast):
+        return None
+    decoder = acquire_decoder(llm, needed_len, fast=True)
+    if decoder is not None:
+        try:
+            decoder.load(cache)
+        except Exception:
+            decoder.lock.release()
+            raise
+    return decoder
 
 
 def stream_text(tokenizer, token_iter: Iterator[int]) -> Iterator[str]:

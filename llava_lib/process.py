@@ -52,7 +52,7 @@ _STD = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
 def clip_transform(image: Image.Image, size: int = IMAGE_SIZE) -> torch.Tensor:
     """The CLIP preprocessing: ``[3, size, size]`` float32, normalised with CLIP's mean/std."""
     arr = np.asarray(resize_center_crop(image, size), dtype=np.float32).transpose(2, 0, 1) / 255.0
-    return torch.from_numpy((arr - _MEAN) / _STD)
+    return torch.from_numpy(np.ascontiguousarray((arr - _MEAN) / _STD))
 
 
 # ----------------------------------------------------------------------------------------------- text

@@ -33,7 +33,7 @@ PROFILE_DEFAULTS = {
     # The course's real run: first 100,000 samples, batch 16, lr 2e-3, cosine with 3% warmup.
     "full": dict(),
     # The mini world: small enough for two CPU cores, long enough to really learn.
-    "mini": dict(limit=None, max_steps=500, batch_size=16, lr=3e-3, eval_every=250, save_every=250,
+    "mini": dict(limit=None, epochs=10, max_steps=500, batch_size=16, lr=3e-3, eval_every=250, save_every=250,
                  caption_eval_n=100, eval_limit=200, num_workers=0),
 }
 
@@ -61,6 +61,7 @@ class TrainConfig:
     projector_type: str = "linear"
     feature_layer: int = -1
     gradient_checkpointing: bool = False
+    accelerate: bool | None = None        # torch.compile of the frozen LLM's layers; None = on for CUDA
     # bookkeeping
     eval_every: int = 500
     save_every: int = 500
@@ -285,6 +286,9 @@ def train(config: TrainConfig | None = None, on_log=None, model=None, tokenizer=
                                        feature_layer=cfg.feature_layer)
     if cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.accelerate or (cfg.accelerate is None and device.type == "cuda"):
+        from .model.accel import accelerate_training
+        accelerate_training(model)  # measured in benchmarks/train_step.py and docs/perf_notes.md
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         # Only the projection is wrapped: its gradients are the only ones, and the only ones reduced.
@@ -520,16 +524,19 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None, help=helps[f.name])
     p.add_argument("--gradient-checkpointing", action="store_true", help="打开梯度检查点（省显存，慢一些）")
     p.add_argument("--no-tensorboard", action="store_true", help="不写 TensorBoard 日志")
+    p.add_argument("--no-accelerate", action="store_true", help="GPU 上不编译（torch.compile）冻结的 LLM")
     return p
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items()
-                 if v is not None and k not in ("profile", "gradient_checkpointing", "no_tensorboard", "resume")}
+                 if v is not None and k not in ("profile", "gradient_checkpointing", "no_tensorboard", "resume",
+                                                "no_accelerate")}
     cfg = TrainConfig.for_profile(args.profile, **overrides, resume=args.resume,
                                   gradient_checkpointing=args.gradient_checkpointing,
-                                  tensorboard=not args.no_tensorboard)
+                                  tensorboard=not args.no_tensorboard,
+                                  accelerate=False if args.no_accelerate else None)
     try:
         result = train(cfg)
     except (TrainingError, cfg_mod.MissingResourceError) as e:

@@ -30,6 +30,12 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 class LlavaStage1(nn.Module):
+    # A right-padded batch needs no attention mask in a causal LM: a real token only sees earlier, real tokens, so
+    # the mask changes nothing where a label is, and without it SDPA runs its causal flash kernel (docs/perf_notes.md).
+    drop_redundant_mask: bool = True
+    # The loss over the LM head; ``accel.accelerate_training`` swaps in a fused variant with the same value.
+    head_loss = None
+
     def __init__(self, vision: VisionTower | None, llm: nn.Module, projector_type: str = "linear",
                  image_token_id: int = IMAGE_PAD_ID):
         super().__init__()
@@ -87,10 +93,19 @@ class LlavaStage1(nn.Module):
         """The lean loss: the LM head runs only at positions whose next token has a label."""
         input_ids = input_ids.to(self.device)
         embeds = self.embed(input_ids, pixel_values)
+        if attention_mask is not None and self.drop_redundant_mask and is_right_padded(attention_mask):
+            attention_mask = None
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
-        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-        return lean_causal_lm_loss(self.llm.lm_head, hidden, labels.to(self.device), logits_chunk)
+        # use_cache=False: a training forward has no use for a KV cache (the config's default would build one).
+        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return (self.head_loss or lean_causal_lm_loss)(self.llm.lm_head, hidden, labels.to(self.device), logits_chunk)
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is ``1 ... 1 0 ... 0`` (what ``process.collate`` builds): no 0 before a 1."""
+    m = attention_mask.bool()
+    return not bool((m[:, 1:] & ~m[:, :-1]).any())
 
 
 def lean_causal_lm_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,

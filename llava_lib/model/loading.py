@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from transformers import logging as hf_logging
 from transformers import AutoTokenizer, ChineseCLIPModel, ChineseCLIPVisionModel, Qwen3ForCausalLM
 
 from ..config import MissingResourceError, Paths, check_path, resolve
@@ -60,7 +61,14 @@ def load_vision_tower(path: str | Path, device: torch.device | None = None, dtyp
     dtype = dtype or default_dtype(device)
     path = Path(path)
     if (path / "config.json").exists() and '"chinese_clip' in (path / "config.json").read_text(encoding="utf-8"):
-        vm = ChineseCLIPVisionModel.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+        # Loading only the vision side of a full CLIP checkpoint: the text weights are skipped on purpose, so
+        # transformers' "unexpected keys" report is noise here.
+        previous = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            vm = ChineseCLIPVisionModel.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+        finally:
+            hf_logging.set_verbosity(previous)
     else:
         vm = load_clip(path, device, dtype).vision_model
     return VisionTower(vm.to(device), feature_layer)

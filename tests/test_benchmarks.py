@@ -1,0 +1,212 @@
+"""The GPU benchmarks in their CI size (so they cannot rot), and the exactness of the fast paths they measure."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import common as C  # noqa: E402
+
+from llava_lib.chat import GenerationConfig, _cache_kwarg, _cache_of, generate_tokens  # noqa: E402
+from llava_lib.model import accel  # noqa: E402
+from llava_lib.model.llava import is_right_padded, lean_causal_lm_loss  # noqa: E402
+
+from conftest import tiny_llava  # noqa: E402
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", LLAVA_FAST_DECODE="auto")
+    return env
+
+
+@pytest.fixture(scope="module")
+def cached_tokenizer(qwen_tokenizer):
+    """The benchmarks' --mini tokenizer check reads the tokenizer from the cache; put the session's one there."""
+    from llava_lib import config
+    d = config.llava_home() / "bench" / "qwen_tokenizer"
+    if not (d / "tokenizer.json").exists():
+        qwen_tokenizer.save_pretrained(str(d))
+    return d
+
+
+def _run(script: str, json_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--mini", "--json", str(json_path), *extra],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
+
+
+def test_written_out_chat_ids_are_the_tokenizers(qwen_tokenizer):
+    assert C.check_prompt_ids(qwen_tokenizer) == {"train_sample_matches": True, "generation_prompt_matches": True,
+                                                  "pad_id_matches": True}
+
+
+def test_benchmarks_import_nothing_gpu_machine_lacks():
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import train_step, generate; "
+            "bad = [m for m in ('modelscope', 'dashscope', 'llava_lib.data', 'llava_lib.mini') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_train_step_benchmark_mini(tmp_path, cached_tokenizer):
+    out = tmp_path / "train_step.json"
+    r = _run("train_step.py", out, "--budget-s", "90")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ratio b/a:" in r.stdout
+    d = json.loads(out.read_text(encoding="utf-8"))
+    checks = d["checks"]
+    assert all(checks["prompt_ids"].values())
+    for name in ("L0_train_before", "L2_train_default", "L3_fused_loss"):   # the equality checks really ran
+        assert checks[name]["ok"] and checks[name]["rel_diff"] < 1e-4, checks[name]
+    assert d["checks_passed"] and not d["errors"]
+    assert d["results"]["textbook"]["samples_per_s"] > 0
+    assert d["ratio_b_over_a"] is not None and d["ratio_b_over_a"] > 0
+    assert d["table"] and d["flop_formula"]
+
+
+def test_generate_benchmark_mini(tmp_path):
+    out = tmp_path / "generate.json"
+    r = _run("generate.py", out, "--new-tokens", "48")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ratio fast/hf:" in r.stdout
+    d = json.loads(out.read_text(encoding="utf-8"))
+    checks = d["checks"]
+    assert checks["tokens_identical"] and checks["n_tokens_forced"] and checks["distinct_tokens"] > 1
+    assert checks["logits"]["ran"] and checks["logits"]["bit_identical_steps"] == checks["logits"]["steps"] == 47
+    assert set(d["paths"]) == {"hf_generate", "project_plain", "project_fast"}
+    assert d["ratio_fast_over_hf"] > 0
+
+
+# ----------------------------------------------------------------------------------------- the fast paths
+
+def _varied_model(seed=0, dtype=torch.float32):
+    """A tiny LLaVA whose greedy decoding does not collapse onto one token (larger init std)."""
+    from transformers import ChineseCLIPVisionConfig, ChineseCLIPVisionModel, Qwen3Config, Qwen3ForCausalLM
+
+    from llava_lib.model import LlavaStage1, VisionTower
+    torch.manual_seed(seed)
+    llm = Qwen3ForCausalLM(Qwen3Config(**dict(C.MINI_LLM, initializer_range=0.3))).eval()
+    llm.config._attn_implementation = "sdpa"
+    vm = ChineseCLIPVisionModel(ChineseCLIPVisionConfig(**C.MINI_VIT)).eval()
+    model = LlavaStage1(VisionTower(vm.to(dtype)), llm.to(dtype))
+    ids = torch.tensor([C.prompt_ids(model.num_image_tokens)])
+    with torch.no_grad():
+        embeds = model.embed(ids, torch.randn(1, 3, 64, 64))
+    return model, embeds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_decoder_logits_are_bit_identical_to_the_plain_path(dtype):
+    model, embeds = _varied_model(dtype=dtype)
+    llm = model.llm
+    cfg = GenerationConfig(max_new_tokens=40)
+    plain = list(generate_tokens(llm, embeds, set(), cfg, fast=False))
+    fast = list(generate_tokens(llm, embeds, set(), cfg, fast=True))
+    assert plain == fast and len(set(plain)) > 5
+    dec = accel.cached_decoder(llm)
+    assert dec is not None and not dec.lock.locked() and not dec.uses_cuda_graphs  # CPU: eager pieces
+    with torch.no_grad():  # logits, step by step, on the same tokens
+        out = llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+        cache = _cache_of(out)
+        assert dec.lock.acquire(blocking=False)
+        try:
+            out2 = llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+            dec.load(_cache_of(out2))
+            for tok in plain[:-1]:
+                out = llm(input_ids=torch.tensor([[tok]]), use_cache=True, **{_cache_kwarg(llm): cache})
+                cache = _cache_of(out)
+                assert torch.equal(out.logits[0, -1], dec.step(tok))
+        finally:
+            dec.lock.release()
+
+
+def test_fast_decoding_is_off_on_cpu_by_default_and_releases_its_lock(monkeypatch):
+    model, embeds = _varied_model(seed=1)
+    monkeypatch.delenv("LLAVA_FAST_DECODE", raising=False)
+    assert not accel.fast_decode_wanted(model.llm)
+    monkeypatch.setenv("LLAVA_FAST_DECODE", "1")
+    assert accel.fast_decode_wanted(model.llm)
+    gen = generate_tokens(model.llm, embeds, set(), GenerationConfig(max_new_tokens=30))
+    first = [next(gen) for _ in range(5)]
+    dec = accel.cached_decoder(model.llm)
+    assert dec is not None and dec.lock.locked()
+    gen.close()  # the consumer stops early (a stop button): the decoder is free again
+    assert not dec.lock.locked()
+    again = list(generate_tokens(model.llm, embeds, set(), GenerationConfig(max_new_tokens=5)))
+    assert again == first
+
+
+def test_unsupported_models_fall_back_to_the_plain_path():
+    model, embeds = _varied_model(seed=2)
+    model.llm.config.model_type = "llama"
+    assert accel.unsupported_reason(model.llm)
+    assert accel.acquire_decoder(model.llm, 100, fast=True) is None
+    assert len(list(generate_tokens(model.llm, embeds, set(), GenerationConfig(max_new_tokens=4), fast=True))) == 4
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_head_loss_equals_lean_loss(autocast):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 151936, bias=False)
+    hidden = torch.randn(3, 40, 32, requires_grad=True)
+    labels = torch.randint(0, 151936, (3, 40))
+    labels[:, :15] = -100
+    labels[2, 30:] = -100
+    results = []
+    for fn in (lean_causal_lm_loss, accel.fused_lean_causal_lm_loss):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(head, hidden.to(torch.bfloat16) if autocast else hidden, labels, chunk=16)
+        (grad,) = torch.autograd.grad(out.loss * 2.5, hidden)
+        results.append((float(out.loss), out.n_label_tokens, grad))
+    (la, na, ga), (lb, nb, gb) = results
+    assert na == nb == int((labels[:, 1:] != -100).sum())
+    tol = 2e-2 if autocast else 1e-5
+    assert abs(la - lb) <= tol * abs(la)
+    assert torch.allclose(ga, gb, rtol=tol, atol=tol * float(ga.abs().max()))
+
+
+def test_right_padding_detection():
+    assert is_right_padded(torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    assert not is_right_padded(torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))  # left padding keeps its mask
+    assert not is_right_padded(torch.tensor([[1, 0, 1, 1]]))
+
+
+def test_regional_compile_is_one_graph_per_tower_and_same_loss(qwen_tokenizer):
+    """All decoder layers share one compiled graph (no per-layer recompiles), any batch shape reuses it, and the
+    loss and the projection's gradient are the eager ones (aot_eager: the tracing and the autograd split, no codegen)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from llava_lib import process
+    model = tiny_llava(qwen_tokenizer)
+
+    def batch(captions, seed):
+        g = torch.Generator().manual_seed(seed)
+        samples = [{"pixel_values": torch.randn(3, 224, 224, generator=g), "caption": c} for c in captions]
+        return process.collate(qwen_tokenizer, samples, model.num_image_tokens, max_text_tokens=64)
+
+    b1 = batch(["一个红色的圆形。", "左上方是一个蓝色的三角形，右下方是一个黄色的星形。"], 0)
+    b2 = batch(["中间是一个绿色的方形。"] * 3, 1)
+    params = list(model.projector.parameters())
+    ref = model(**b1).loss
+    g_ref = torch.autograd.grad(ref, params)
+    torch._dynamo.reset()
+    counters.clear()
+    accel.accelerate_training(model, compile=True, backend="aot_eager")
+    try:
+        out = model(**b1).loss
+        g = torch.autograd.grad(out, params)
+        model(**b2).loss.backward()
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        accel.uncompile_towers(model)
+    assert abs(float(out) - float(ref)) < 1e-5
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g, g_ref))
+    assert graphs <= 2, graphs  # one for the LLM's layers, one for the vision tower's
