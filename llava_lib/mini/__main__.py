@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     s = sub.add_parser("serve", help="在 127.0.0.1:18765 上提供迷你世界的图片（HTTP）")
     s.add_argument("--root", type=Path, default=None)
     e = sub.add_parser("examples", help="从验证集导出 data_example/（NNNN.jpg + NNNN.txt）")
+    e.add_argument("--root", type=Path, default=None)
     e.add_argument("--out", type=Path, default=(config.repo_root() or Path.cwd()) / "data_example")
     e.add_argument("-n", type=int, default=100)
     args = p.parse_args(argv)
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
         serve_forever(Path(root))
         return 0
     from ..data import export_examples
-    export_examples(Path(root) / "sa1b_eval", args.out, n=args.n)
+    from .build import url_rewrite
+    export_examples(Path(root) / "sa1b_eval", args.out, n=args.n, url_rewrite=url_rewrite(Path(root)))
     print(f"已导出 {args.n} 个样例到 {args.out}")
     return 0
 

@@ -25,8 +25,9 @@ from ..model.checkpoint import atomic_write_json
 from ..process import encode_conversation
 from . import scenes as sc
 
-BUILD_VERSION = 3  # bump when the builder's output changes, so old caches are rebuilt
+BUILD_VERSION = 5  # bump when the builder's output changes, so old caches are rebuilt
 MINI_URL_BASE = "http://127.0.0.1:18765/"
+CLIP_GALLERY = 10    # text -> image top-1 is measured within galleries of 10 held-out images (chance: 0.1)
 TOP1_MIN = 0.9        # the build is good when CLIP retrieval top-1 reaches this ...
 LOSS_RATIO_MAX = 0.5  # ... and true captions cost less than half the loss of shuffled ones
 CAP_SEG_FORMS = ("dict", "json", "literal", "json")  # one form per train shard; eval uses json
@@ -39,8 +40,10 @@ class BuildSpec:
     n_eval: int = 200
     n_lm_scenes: int = 8000
     train_shards: int = 4
-    clip_steps: int = 150
-    llm_steps: int = 400
+    clip_text_steps: int = 300
+    clip_steps: int = 300
+    clip_batch: int = 32
+    llm_steps: int = 200
     version: int = BUILD_VERSION
 
 
@@ -104,13 +107,26 @@ def _manifest_ok(root: Path, spec: BuildSpec) -> bool:
 
 
 def build(root: Path | None = None, spec: BuildSpec = BuildSpec(), force: bool = False) -> dict:
-    """Build (or reuse) the mini world in ``root`` (default ``config.mini_root()``); returns build.json."""
+    """Build (or reuse) the mini world in ``root`` (default ``config.mini_root()``); returns build.json.
+
+    Two builds at once (two notebooks, a notebook and a terminal) would delete each other's files: a lock file next
+    to ``root`` makes the second one wait, then reuse what the first one built.
+    """
+    import fcntl
     root = Path(root or config.mini_root())
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(root, spec, force)
+
+
+def _build_locked(root: Path, spec: BuildSpec, force: bool) -> dict:
     if not force and _manifest_ok(root, spec):
         _log(f"迷你世界已存在，直接复用：{root}")
         return json.loads((root / "build.json").read_text(encoding="utf-8"))
     t0 = time.time()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # OMP_NUM_THREADS=1 helps on a busy machine: oversubscribed BLAS threads spin and crawl.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     random.seed(spec.seed)
     if root.exists():
         shutil.rmtree(root)
@@ -131,17 +147,7 @@ def build(root: Path | None = None, spec: BuildSpec = BuildSpec(), force: bool =
     bert_tok = build_bert_tokenizer(captions + [c for s in train for c in sc.local_captions(s)], root / "clip")
     timings["tokenizers"] = time.time() - t0 - sum(timings.values())
 
-    _log(f"3/6 训练迷你 Chinese-CLIP（{spec.clip_steps} 步）...")
-    from .clip_train import train_clip
-    from transformers import ChineseCLIPImageProcessor, ChineseCLIPProcessor
-    clip = train_clip(load_images(root, "train", spec.n_train), train, bert_tok, steps=spec.clip_steps,
-                      seed=spec.seed, log=_log)
-    clip.save_pretrained(root / "clip")
-    image_processor = ChineseCLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    ChineseCLIPProcessor(image_processor=image_processor, tokenizer=bert_tok).save_pretrained(root / "clip")
-    timings["clip"] = time.time() - t0 - sum(timings.values())
-
-    _log(f"4/6 训练迷你 Qwen3（{spec.llm_steps} 步）...")
+    _log(f"3/6 训练迷你 Qwen3（{spec.llm_steps} 步）...")
     from .lm_train import train_llm
     lm_scenes = sc.make_scenes(spec.n_lm_scenes, spec.seed + 2)
     llm = train_llm(qwen_tok, lm_scenes, steps=spec.llm_steps, seed=spec.seed, log=_log)
@@ -150,6 +156,25 @@ def build(root: Path | None = None, spec: BuildSpec = BuildSpec(), force: bool =
     llm.save_pretrained(root / "llm")
     qwen_tok.save_pretrained(root / "llm")
     timings["llm"] = time.time() - t0 - sum(timings.values())
+
+    _log(f"4/6 训练迷你 Chinese-CLIP（{spec.clip_steps} 步）...")
+    from .clip_train import train_clip
+    from transformers import ChineseCLIPProcessor
+    try:  # the PIL backend needs no torchvision (transformers 5.2x); older releases have only the one class
+        from transformers import ChineseCLIPImageProcessorPil as ChineseCLIPImageProcessor
+    except ImportError:
+        from transformers import ChineseCLIPImageProcessor
+    from .lm_train import hint_vectors, patch_hints
+    words = hint_vectors(llm, qwen_tok)
+    hints = torch.stack([patch_hints(s, *words) for s in train])
+    clip = train_clip(load_images(root, "train", spec.n_train), train, bert_tok, steps=spec.clip_steps,
+                      patch_hints=hints,
+                      text_steps=spec.clip_text_steps, text_scenes=sc.make_scenes(spec.n_lm_scenes, spec.seed + 3),
+                      batch=spec.clip_batch, seed=spec.seed, log=_log)
+    clip.save_pretrained(root / "clip")
+    image_processor = ChineseCLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    ChineseCLIPProcessor(image_processor=image_processor, tokenizer=bert_tok).save_pretrained(root / "clip")
+    timings["clip"] = time.time() - t0 - sum(timings.values())
 
     _log("5/6 用数据管线把图片抓取进缓存（与真实训练相同的代码）...")
     from ..data import prepare_cache
@@ -181,7 +206,10 @@ def check(root: Path | None = None, seed: int | None = None) -> dict:
     evals = sc.make_scenes(spec_n_eval, seed + 1)
     clip = ChineseCLIPModel.from_pretrained(str(root / "clip")).eval()
     bert_tok = AutoTokenizer.from_pretrained(str(root / "clip"))
-    top1 = text_to_image_top1(clip, bert_tok, load_images(root, "eval", spec_n_eval), [s.caption for s in evals])
+    eval_images = load_images(root, "eval", spec_n_eval)
+    eval_captions = [s.caption for s in evals]
+    top1 = text_to_image_top1(clip, bert_tok, eval_images, eval_captions, gallery=CLIP_GALLERY)
+    top1_all = text_to_image_top1(clip, bert_tok, eval_images, eval_captions)
 
     tok = AutoTokenizer.from_pretrained(str(root / "llm"))
     llm = Qwen3ForCausalLM.from_pretrained(str(root / "llm")).eval()
@@ -205,6 +233,8 @@ def check(root: Path | None = None, seed: int | None = None) -> dict:
     lt, ls = float(np.mean(true_l)), float(np.mean(shuf_l))
     return {
         "clip_text_to_image_top1": round(top1, 4),
+        "clip_gallery": CLIP_GALLERY,
+        "clip_text_to_image_top1_all": round(top1_all, 4),
         "lm_loss_true_vs_shuffled": [round(lt, 4), round(ls, 4)],
         "n_eval": spec_n_eval,
         "ok": bool(top1 >= TOP1_MIN and lt * LOSS_RATIO_MAX < ls),

@@ -19,15 +19,15 @@ from torch import nn
 from transformers import ChineseCLIPConfig, ChineseCLIPModel
 
 from ..process import CLIP_MEAN, CLIP_STD
-from .scenes import COLORS, SHAPES, Scene, patch_owner
+from .scenes import COLORS, GRID, SHAPES, Scene, patch_owner
 
 COLOR_INDEX = {c: i for i, c in enumerate(COLORS)}
 SHAPE_INDEX = {s: i for i, s in enumerate(SHAPES)}
 
 
-def mini_clip_config(text_vocab_size: int, width: int = 96, layers: int = 4) -> ChineseCLIPConfig:
+def mini_clip_config(text_vocab_size: int, width: int = 64, layers: int = 3) -> ChineseCLIPConfig:
     return ChineseCLIPConfig(
-        text_config=dict(vocab_size=text_vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        text_config=dict(vocab_size=text_vocab_size, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                          intermediate_size=256, max_position_embeddings=96, pad_token_id=0),
         vision_config=dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=4,
                            intermediate_size=4 * width, image_size=224, patch_size=16, projection_dim=64),
@@ -35,24 +35,55 @@ def mini_clip_config(text_vocab_size: int, width: int = 96, layers: int = 4) -> 
     )
 
 
-N_CLASSES = 1 + len(COLORS) * len(SHAPES)  # background, or one (colour, shape) pair
+N_CELLS = GRID * GRID
+# Targets are factorised as (cell x colour) and (cell x shape): a sum of such codes (what an attention average
+# of several objects' patches gives) still says, linearly, which colour and which shape sit in which cell.
+N_COLOR_CODES = 1 + N_CELLS * len(COLORS)
+N_SHAPE_CODES = 1 + N_CELLS * len(SHAPES)
+
+
+def object_codes(o) -> tuple[int, int]:
+    """(cell x colour, cell x shape) classes of one object; 0 means "no object"."""
+    return 1 + o.cell * len(COLORS) + COLOR_INDEX[o.color], 1 + o.cell * len(SHAPES) + SHAPE_INDEX[o.shape]
 
 
 def cell_targets(scene: Scene) -> np.ndarray:
-    """Per grid cell (9): 0 if empty, else 1 + colour * n_shapes + shape."""
-    out = np.zeros(9, dtype=np.int64)
+    """``[2, cells]``: per cell, 0 if empty, else 1 + colour (row 0) and 1 + shape (row 1)."""
+    out = np.zeros((2, N_CELLS), dtype=np.int64)
     for o in scene.objects:
-        out[o.cell] = 1 + COLOR_INDEX[o.color] * len(SHAPES) + SHAPE_INDEX[o.shape]
+        out[0, o.cell] = 1 + COLOR_INDEX[o.color]
+        out[1, o.cell] = 1 + SHAPE_INDEX[o.shape]
     return out
 
 
 def patch_targets(scene: Scene) -> np.ndarray:
-    """Per patch: 0 for background, else 1 + colour * n_shapes + shape of the object covering it."""
+    """``[2, 196]``: per patch, the covering object's (cell x colour, cell x shape) classes (0 = background).
+
+    Knowing its own cell (from the position embedding) lets a patch token say "red circle, top left"; the last
+    layer's [CLS] attention, which starts as a near-uniform average, then reads the scene's layout linearly.
+    """
     owner = patch_owner(scene)
-    out = np.zeros_like(owner)
+    out = np.zeros((2, owner.shape[0]), dtype=np.int64)
     for i, o in enumerate(scene.objects):
-        out[owner == i] = 1 + COLOR_INDEX[o.color] * len(SHAPES) + SHAPE_INDEX[o.shape]
+        out[0, owner == i], out[1, owner == i] = object_codes(o)
     return out
+
+
+def caption_char_targets(scene: Scene) -> np.ndarray:
+    """``[2, len(caption)]``: per caption character, the codes of the object its clause describes (0 elsewhere).
+
+    The text-side twin of :func:`patch_targets`.
+    """
+    caption = scene.caption
+    head = caption.index("：") + 1
+    cols, shps = [0] * head, [0] * head
+    for o in scene.objects:
+        n = len(f"{o.position}是一个{o.color}的{o.shape}")
+        c, s = object_codes(o)
+        cols += [c] * n + [0]  # then the comma or the final full stop
+        shps += [s] * n + [0]
+    assert len(cols) == len(caption), caption
+    return np.asarray([cols, shps], dtype=np.int64)
 
 
 def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -67,34 +98,102 @@ def _text_batch(tokenizer, captions, max_len=64):
     return enc["input_ids"], enc["attention_mask"]
 
 
-def train_clip(images: torch.Tensor, scenes: list[Scene], tokenizer, *, steps: int = 150, batch: int = 64,
-               lr: float = 2e-3, seed: int = 0, log=print) -> ChineseCLIPModel:
-    """A fixed number of steps (deterministic for a seed; the time it takes depends on the machine)."""
+def _char_targets_batch(batch_scenes, ids: torch.Tensor) -> torch.Tensor:
+    """Align :func:`caption_char_targets` with the char-level BERT ids: ``[2, B, T]`` ([CLS]/[SEP]/pad = -100)."""
+    out = torch.full((2, *ids.shape), -100, dtype=torch.long)
+    for b, s in enumerate(batch_scenes):
+        t = torch.from_numpy(caption_char_targets(s))[:, : ids.shape[1] - 2]
+        out[:, b, 1:1 + t.shape[1]] = t
+    return out
+
+
+def _lr(base: float, step: int, steps: int, warmup: int = 15) -> float:
+    return base * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.95 + 0.05)
+
+
+class _Heads(nn.Module):
+    """Throw-away linear probes: per token (colour and shape codes) and per scene (layout), for one tower."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.color = nn.Linear(width, N_COLOR_CODES)
+        self.shape = nn.Linear(width, N_SHAPE_CODES)
+        self.layout_color = nn.Linear(width, N_CELLS * (1 + len(COLORS)))
+        self.layout_shape = nn.Linear(width, N_CELLS * (1 + len(SHAPES)))
+
+    def token_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (F.cross_entropy(self.color(h).flatten(0, 1), targets[0].flatten())
+                + F.cross_entropy(self.shape(h).flatten(0, 1), targets[1].flatten()))
+
+    def layout_loss(self, pooled: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        return (F.cross_entropy(self.layout_color(pooled).view(-1, 1 + len(COLORS)), layout[:, 0].flatten())
+                + F.cross_entropy(self.layout_shape(pooled).view(-1, 1 + len(SHAPES)), layout[:, 1].flatten()))
+
+
+def train_clip(images: torch.Tensor, scenes: list[Scene], tokenizer, *, steps: int = 150, text_steps: int = 300,
+               text_scenes: list[Scene] | None = None, batch: int = 64, lr: float = 2e-3, seed: int = 0,
+               patch_hints: torch.Tensor | None = None, log=print) -> ChineseCLIPModel:
+    """Two phases with fixed step counts (deterministic for a seed; the time depends on the machine).
+
+    1. Text side alone (cheap): per-character object codes + the layout from [CLS].
+    2. Both sides: CLIP's contrastive loss + per-patch object codes + the layout from each side's pooled feature.
+    The per-token probes read the layer before the last, whose tokens the last layer's [CLS] attention gathers.
+
+    ``patch_hints`` (``[N,196,H]``, optional): what a language model reads at each patch (see ``lm_train``). A
+    throw-away linear head regresses them from the last layer's patch tokens, so that *some* linear map from these
+    features to the LM's word space exists, as it does for a real CLIP and a real LLM. Stage 1 still has to find
+    that map from a random start, through the frozen LM's loss; the head itself is not saved.
+    """
     torch.manual_seed(seed)
     model = ChineseCLIPModel(mini_clip_config(len(tokenizer)))
-    width, text_width = model.config.vision_config.hidden_size, model.config.text_config.hidden_size
-    probe = nn.Linear(width, N_CLASSES)
-    image_layout = nn.Linear(width, 9 * N_CLASSES)
-    text_layout = nn.Linear(text_width, 9 * N_CLASSES)
-    targets = torch.from_numpy(np.stack([patch_targets(s) for s in scenes]))  # [N,196]
-    layouts = torch.from_numpy(np.stack([cell_targets(s) for s in scenes]))   # [N,9]
-    captions = [s.caption for s in scenes]
-    params = [p for m in (model, probe, image_layout, text_layout) for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    vis_heads = _Heads(model.config.vision_config.hidden_size)
+    to_words = nn.Linear(model.config.vision_config.hidden_size, patch_hints.shape[-1]) if patch_hints is not None \
+        else None
+    hint_scale = float(patch_hints.pow(2).mean()) if patch_hints is not None else 1.0
+    txt_heads = _Heads(model.config.text_config.hidden_size)
     g = torch.Generator().manual_seed(seed)
-    n = images.shape[0]
     start = time.time()
     model.train()
+
+    def text_losses(batch_scenes):
+        ids, mask = _text_batch(tokenizer, [s.caption for s in batch_scenes])
+        out = model.text_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        layout = torch.from_numpy(np.stack([cell_targets(s) for s in batch_scenes]))
+        tok = txt_heads.token_loss(out.hidden_states[-2], _char_targets_batch(batch_scenes, ids))
+        cls = out.last_hidden_state[:, 0]
+        return cls, tok, txt_heads.layout_loss(cls, layout)
+
+    # Phase 1: the text tower alone.
+    text_scenes = text_scenes or scenes
+    text_params = [p for m in (model.text_model, txt_heads) for p in m.parameters()]
+    opt = torch.optim.AdamW(text_params, lr=lr, weight_decay=0.01)
+    for step in range(text_steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(lr, step, text_steps)
+        idx = torch.randperm(len(text_scenes), generator=g)[:batch].tolist()
+        _, tok, layout = text_losses([text_scenes[i] for i in idx])
+        opt.zero_grad(set_to_none=True)
+        (tok + layout).backward()
+        opt.step()
+        if (step + 1) % 100 == 0:
+            log(f"  CLIP 文本塔 第 {step + 1}/{text_steps} 步  字符 {tok.item():.3f}  布局 {layout.item():.3f}  "
+                f"已用 {time.time() - start:.0f}s")
+
+    # Phase 2: both towers.
+    targets = torch.from_numpy(np.stack([patch_targets(s) for s in scenes])).transpose(0, 1)  # [2,N,196]
+    layouts = torch.from_numpy(np.stack([cell_targets(s) for s in scenes]))                   # [N,2,cells]
+    captions = [s.caption for s in scenes]
+    params = [p for m in (model, vis_heads, txt_heads, to_words) if m is not None for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    n = images.shape[0]
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 15) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.95 + 0.05)
+            group["lr"] = _lr(lr, step, steps)
         idx = torch.randperm(n, generator=g)[:batch]
-        pix = normalize_uint8(images[idx])
-        ids, mask = _text_batch(tokenizer, [captions[i] for i in idx.tolist()])
-        vis = model.vision_model(pixel_values=pix)
+        vis = model.vision_model(pixel_values=normalize_uint8(images[idx]), output_hidden_states=True)
         img_emb = F.normalize(model.visual_projection(vis.pooler_output), dim=-1)
-        txt = model.text_model(input_ids=ids, attention_mask=mask)
-        txt_emb = F.normalize(model.text_projection(txt.last_hidden_state[:, 0, :]), dim=-1)
+        cls, char_loss, text_layout = text_losses([scenes[i] for i in idx.tolist()])
+        txt_emb = F.normalize(model.text_projection(cls), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * txt_emb @ img_emb.T
         # Same caption twice in a batch: both images count as right answers.
         same = torch.tensor([[captions[i] == captions[j] for j in idx.tolist()] for i in idx.tolist()],
@@ -102,18 +201,21 @@ def train_clip(images: torch.Tensor, scenes: list[Scene], tokenizer, *, steps: i
         target = same / same.sum(1, keepdim=True)
         clip_loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
                            + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
-        probe_loss = F.cross_entropy(probe(vis.last_hidden_state[:, 1:]).flatten(0, 1), targets[idx].flatten())
-        layout_loss = (F.cross_entropy(image_layout(vis.pooler_output).view(-1, N_CLASSES), layouts[idx].flatten())
-                       + F.cross_entropy(text_layout(txt.last_hidden_state[:, 0]).view(-1, N_CLASSES),
-                                         layouts[idx].flatten()))
-        loss = clip_loss + probe_loss + layout_loss
+        # Both the last layer (what Stage 1 reads) and the one before (what [CLS] gathers) say what each patch shows.
+        patch_loss = (vis_heads.token_loss(vis.hidden_states[-2][:, 1:], targets[:, idx])
+                      + vis_heads.token_loss(vis.last_hidden_state[:, 1:], targets[:, idx]))
+        image_layout = vis_heads.layout_loss(vis.pooler_output, layouts[idx])
+        loss = clip_loss + patch_loss + image_layout + char_loss + text_layout
+        if to_words is not None:  # relative squared error of the linear read-out into the LM's word space
+            loss = loss + F.mse_loss(to_words(vis.last_hidden_state[:, 1:]), patch_hints[idx]) / hint_scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if (step + 1) % 25 == 0 or step == 0:
-            log(f"  CLIP 第 {step + 1}/{steps} 步  对比损失 {clip_loss.item():.3f}  图块 {probe_loss.item():.3f}  "
-                f"布局 {layout_loss.item():.3f}  已用 {time.time() - start:.0f}s")
+            log(f"  CLIP 第 {step + 1}/{steps} 步  对比损失 {clip_loss.item():.3f}  图块 {patch_loss.item():.3f}  "
+                f"图片布局 {image_layout.item():.3f}  文本布局 {text_layout.item():.3f}  "
+                f"已用 {time.time() - start:.0f}s")
     model.eval()
     return model
 
@@ -131,8 +233,18 @@ def text_embeddings(model: ChineseCLIPModel, tokenizer, texts: list[str]) -> tor
 
 
 @torch.no_grad()
-def text_to_image_top1(model: ChineseCLIPModel, tokenizer, images: torch.Tensor, captions: list[str]) -> float:
-    """For each caption, is the most similar image one whose caption is that caption? (duplicates count)"""
+def text_to_image_top1(model: ChineseCLIPModel, tokenizer, images: torch.Tensor, captions: list[str],
+                       gallery: int | None = None) -> float:
+    """For each caption, is the most similar image one whose caption is that caption? (duplicates count)
+
+    ``gallery=k`` cuts the images into consecutive galleries of k and retrieves within each (k-way retrieval,
+    chance = 1/k); ``None`` retrieves among all of them.
+    """
     model.eval()
-    best = (text_embeddings(model, tokenizer, captions) @ image_embeddings(model, images).T).argmax(1).tolist()
-    return float(np.mean([captions[b] == captions[i] for i, b in enumerate(best)]))
+    sim = text_embeddings(model, tokenizer, captions) @ image_embeddings(model, images).T
+    k = gallery or len(captions)
+    hits = []
+    for s in range(0, len(captions), k):
+        best = sim[s:s + k, s:s + k].argmax(1).tolist()
+        hits += [captions[s + b] == captions[s + i] for i, b in enumerate(best)]
+    return float(np.mean(hits))

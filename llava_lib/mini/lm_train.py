@@ -7,8 +7,8 @@ Two tricks keep it cheap on two CPU cores and make Stage 1 meaningful:
    and the full-vocabulary softmax equals a softmax over the used ids plus one extra logit ``log(#unused)``. The
    training loss below is therefore the exact full-vocabulary cross-entropy, at a fraction of the cost.
 2. **Reading word embeddings in the image block.** During pretraining the 197 ``<|image_pad|>`` slots of an image
-   turn hold *word embeddings* laid out like the image: a patch covered by a red circle holds
-   ``emb(红色) + emb(圆形)``, the other slots hold ``emb(<|image_pad|>)`` (plus noise). The LM thus learns to read
+   turn hold *word embeddings* laid out like the image: a patch in the top left covered by a red star holds
+   ``emb(红色) + emb(星) + emb(左) + emb(上方)``, the other slots hold ``emb(<|image_pad|>)`` (plus noise). The LM thus learns to read
    a picture made of words, as a real LLM reads its context. It never sees CLIP features: Stage 1 must learn a
    projection that turns CLIP's patch features into such word embeddings — LLaVA's alignment, in miniature.
 """
@@ -25,7 +25,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from ..process import IGNORE_INDEX, IMAGE_PAD_ID, encode_conversation, num_image_tokens
 from .corpus import conversation
-from .scenes import COLORS, SHAPES, Scene, patch_owner
+from .scenes import COLORS, POSITIONS, SHAPES, Scene, patch_owner
 
 VOCAB_ROWS = 151936  # Qwen3-0.6B's embedding rows (the tokenizer uses the first 151,669)
 
@@ -41,6 +41,14 @@ def mini_llm_config(hidden: int = 64, layers: int = 4) -> Qwen3Config:
 
 def word_ids(tokenizer, word: str) -> list[int]:
     return tokenizer(word, add_special_tokens=False)["input_ids"]
+
+
+def hint_id(tokenizer, word: str) -> int:
+    """The token that stands for a word in the image block: its first token (三角形 -> 三角, 星形 -> 星).
+
+    Not the mean of all its tokens: 三角形, 菱形 and 星形 share the token 形, which would blur them together.
+    """
+    return word_ids(tokenizer, word)[0]
 
 
 class UsedVocab:
@@ -72,12 +80,14 @@ def encode_corpus(tokenizer, scenes: list[Scene], seed: int, max_len: int = 320)
         ids, labels = encode_conversation(tokenizer, conv, n_img, learn_thinking=True)
         slot_color = np.full(n_img, -1, dtype=np.int64)
         slot_shape = np.full(n_img, -1, dtype=np.int64)
+        slot_cell = np.full(n_img, -1, dtype=np.int64)
         if with_image:
             owner = patch_owner(scene)
             for i, o in enumerate(scene.objects):
                 slot_color[1:][owner == i] = color_names.index(o.color)
                 slot_shape[1:][owner == i] = shape_names.index(o.shape)
-        samples.append((ids[:max_len], labels[:max_len], with_image, slot_color, slot_shape))
+                slot_cell[1:][owner == i] = o.cell
+        samples.append((ids[:max_len], labels[:max_len], with_image, slot_color, slot_shape, slot_cell))
     return samples
 
 
@@ -90,37 +100,38 @@ class HintedLM(nn.Module):
         self.model = Qwen3ForCausalLM(mini_llm_config(hidden, layers))
         self.model.model.embed_tokens.weight.requires_grad_(False)  # rebuilt from `table` at save time
         self.table = nn.Parameter(torch.randn(len(vocab), hidden) * 0.5)
-        # Mean embedding of each colour / shape word (a word may be several tokens).
-        def avg(words):
-            m = torch.zeros(len(words), len(vocab))
-            for r, w in enumerate(words):
-                cols = vocab.compact(torch.tensor(word_ids(tokenizer, w)))
-                m[r, cols] = 1.0 / len(cols)
-            return m
-        self.register_buffer("color_avg", avg(list(COLORS)))
-        self.register_buffer("shape_avg", avg(list(SHAPES)))
+        # Rows of the table that stand for each colour / shape word in the image block.
+        self.register_buffer("color_rows", vocab.compact(torch.tensor([hint_id(tokenizer, w) for w in COLORS])))
+        self.register_buffer("shape_rows", vocab.compact(torch.tensor([hint_id(tokenizer, w) for w in SHAPES])))
+        # A position word's tokens (左 + 上方 ...): content the LM can match when it writes "左上方是一个...".
+        where = torch.zeros(len(POSITIONS), len(vocab))
+        for r, w in enumerate(POSITIONS):
+            where[r, vocab.compact(torch.tensor(word_ids(tokenizer, w)))] = 1.0
+        self.register_buffer("position_sum", where)
         self.pad_row = int(vocab.compact(torch.tensor([IMAGE_PAD_ID]))[0])
         self.log_unused = math.log(VOCAB_ROWS - len(vocab))
 
-    def hints(self, slot_color: torch.Tensor, slot_shape: torch.Tensor, noise: float, drop: float) -> torch.Tensor:
+    def hints(self, slot_color: torch.Tensor, slot_shape: torch.Tensor, slot_cell: torch.Tensor, noise: float,
+              drop: float) -> torch.Tensor:
         """``[B,197]`` object words per slot (-1 = background) -> ``[B,197,H]`` slot embeddings."""
-        colors = self.color_avg @ self.table
-        shapes = self.shape_avg @ self.table
+        colors = self.table[self.color_rows]
+        shapes = self.table[self.shape_rows]
         is_obj = slot_color >= 0
         if drop > 0:
             is_obj = is_obj & (torch.rand(is_obj.shape) >= drop)
-        obj = colors[slot_color.clamp(min=0)] + shapes[slot_shape.clamp(min=0)]
+        cells = self.position_sum @ self.table
+        obj = colors[slot_color.clamp(min=0)] + shapes[slot_shape.clamp(min=0)] + cells[slot_cell.clamp(min=0)]
         out = torch.where(is_obj.unsqueeze(-1), obj, self.table[self.pad_row].expand_as(obj))
         if noise > 0:
             out = out + noise * self.table.detach().std() * torch.randn_like(out)
         return out
 
-    def loss(self, ids, labels, attention_mask, has_image, slot_color, slot_shape, noise=0.6, drop=0.15):
+    def loss(self, ids, labels, attention_mask, has_image, slot_color, slot_shape, slot_cell, noise=0.3, drop=0.1):
         embeds = self.table[self.vocab.compact(ids)]
         img_rows = has_image.nonzero().flatten()
         if len(img_rows):
             slots = ids[img_rows] == IMAGE_PAD_ID
-            h = self.hints(slot_color[img_rows], slot_shape[img_rows], noise, drop)
+            h = self.hints(slot_color[img_rows], slot_shape[img_rows], slot_cell[img_rows], noise, drop)
             sub = embeds[img_rows]
             sub[slots] = h.reshape(-1, h.shape[-1])
             embeds = embeds.index_copy(0, img_rows, sub)
@@ -159,7 +170,8 @@ def _pad_batch(samples, pad_id):
     has_image = torch.tensor([s[2] for s in samples])
     color = torch.from_numpy(np.stack([s[3] for s in samples]))
     shape = torch.from_numpy(np.stack([s[4] for s in samples]))
-    return ids, labels, mask, has_image, color, shape
+    cell = torch.from_numpy(np.stack([s[5] for s in samples]))
+    return ids, labels, mask, has_image, color, shape, cell
 
 
 def train_llm(tokenizer, scenes: list[Scene], *, steps: int = 400, batch: int = 32, lr: float = 3e-3,
@@ -167,7 +179,7 @@ def train_llm(tokenizer, scenes: list[Scene], *, steps: int = 400, batch: int = 
     torch.manual_seed(seed)
     samples = encode_corpus(tokenizer, scenes, seed)
     used = set(tokenizer.all_special_ids) | {t for s in samples for t in s[0]}
-    used |= {t for w in list(COLORS) + list(SHAPES) for t in word_ids(tokenizer, w)}
+    used |= {t for w in list(COLORS) + list(SHAPES) + list(POSITIONS) for t in word_ids(tokenizer, w)}
     vocab = UsedVocab(used)
     lm = HintedLM(tokenizer, vocab, hidden, layers)
     params = [p for p in lm.parameters() if p.requires_grad]
@@ -188,3 +200,27 @@ def train_llm(tokenizer, scenes: list[Scene], *, steps: int = 400, batch: int = 
             log(f"  LLM 第 {step + 1}/{steps} 步  损失 {loss.item():.3f}  已用 {time.time() - start:.0f}s")
     lm.eval()
     return lm.export()
+
+
+@torch.no_grad()
+def hint_vectors(llm: Qwen3ForCausalLM, tokenizer):
+    """The word embeddings the LM learned to read in the image block:
+    (colours [6,H], shapes [5,H], positions [4,H], filler [H])."""
+    emb = llm.get_input_embeddings().weight
+
+    colors = emb[[hint_id(tokenizer, w) for w in COLORS]]
+    shapes = emb[[hint_id(tokenizer, w) for w in SHAPES]]
+    positions = torch.stack([emb[word_ids(tokenizer, w)].sum(0) for w in POSITIONS])
+    return colors, shapes, positions, emb[IMAGE_PAD_ID].clone()
+
+
+def patch_hints(scene: Scene, colors: torch.Tensor, shapes: torch.Tensor, positions: torch.Tensor,
+                filler: torch.Tensor) -> torch.Tensor:
+    """``[196, H]``: the hint the LM expects at each patch of ``scene`` (object words, or the filler)."""
+    owner = torch.from_numpy(patch_owner(scene))
+    out = filler.expand(owner.shape[0], -1).clone()
+    for i, o in enumerate(scene.objects):
+        out[owner == i] = (colors[list(COLORS).index(o.color)] + shapes[list(SHAPES).index(o.shape)]
+                           + positions[o.cell])
+    return out
+

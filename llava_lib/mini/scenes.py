@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 224
-GRID = 3  # objects sit in a 3x3 grid of cells, one object per cell
+GRID = 2  # objects sit in a 2x2 grid of cells, one object per cell
 PATCH = 16
 
 COLORS = {  # name -> RGB
@@ -25,7 +25,7 @@ COLORS = {  # name -> RGB
     "黑色": (30, 30, 30),
 }
 SHAPES = ("圆形", "正方形", "三角形", "菱形", "星形")
-POSITIONS = ("左上方", "上方", "右上方", "左边", "中间", "右边", "左下方", "下方", "右下方")  # row-major cells
+POSITIONS = ("左上方", "右上方", "左下方", "右下方")  # row-major cells
 COUNT_WORDS = {1: "一", 2: "两", 3: "三"}
 
 
@@ -33,7 +33,7 @@ COUNT_WORDS = {1: "一", 2: "两", 3: "三"}
 class SceneObject:
     color: str
     shape: str
-    cell: int  # 0..8, row-major in the 3x3 grid
+    cell: int  # 0..3, row-major in the 2x2 grid
     cx: float
     cy: float
     radius: float
@@ -84,7 +84,7 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     objects = []
     for cell in cells:
         r, c = divmod(cell, GRID)
-        radius = float(rng.uniform(0.28, 0.38) * cell_size)
+        radius = float(rng.uniform(0.26, 0.36) * cell_size)
         jitter = cell_size / 2 - radius - 2
         cx = (c + 0.5) * cell_size + float(rng.uniform(-jitter, jitter))
         cy = (r + 0.5) * cell_size + float(rng.uniform(-jitter, jitter))

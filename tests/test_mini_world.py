@@ -1,0 +1,109 @@
+"""The mini world: built once, cached, checked by numbers, in the SA1B-Dense-Caption schema."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from llava_lib import config
+from llava_lib.mini import build as mini_build
+from llava_lib.mini import scenes as sc
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_check_thresholds(mini_world):
+    root, meta = mini_world
+    m = meta["metrics"]
+    assert m["clip_text_to_image_top1"] >= 0.9, m
+    true_loss, shuffled_loss = m["lm_loss_true_vs_shuffled"]
+    assert true_loss * 2 < shuffled_loss, m
+    assert m["ok"] is True
+
+
+def test_second_build_reuses_the_cache(mini_world):
+    root, meta = mini_world
+    t = time.time()
+    again = mini_build.build()
+    assert time.time() - t < 30
+    assert again["metrics"] == meta["metrics"]
+
+
+def test_check_command_prints_one_json_line(mini_world):
+    out = subprocess.run([sys.executable, "-m", "llava_lib.mini", "check"], capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    line = [l for l in out.stdout.splitlines() if l.startswith("{")][-1]
+    metrics = json.loads(line)
+    assert {"clip_text_to_image_top1", "lm_loss_true_vs_shuffled"} <= set(metrics)
+    assert metrics["clip_text_to_image_top1"] >= 0.9
+
+
+def test_all_three_cap_seg_forms_round_trip_through_the_reader(mini_world):
+    from llava_lib.data import read_sa1b
+    root, meta = mini_world
+    seed = meta["spec"]["seed"]
+    scenes = sc.make_scenes(meta["spec"]["n_train"], seed)
+    kinds = set()
+    for f in sorted((root / "sa1b" / "data").glob("*.parquet")):
+        col = pq.read_table(f, columns=["cap_seg"]).column("cap_seg")
+        first = col[0].as_py()
+        kinds.add("dict" if isinstance(first, dict) else ("json" if first.startswith('{"') else "literal"))
+    assert kinds == {"dict", "json", "literal"}
+    rows = list(read_sa1b(root / "sa1b"))
+    assert [r.caption for r in rows] == [s.caption for s in scenes]
+    assert [r.row_id for r in rows] == list(range(len(scenes)))
+    assert rows[5].url == mini_build.url_for("train", 5)
+
+
+def test_images_match_their_captions_and_urls_are_served_on_loopback(mini_world):
+    import requests
+
+    from llava_lib.mini.serve import serving
+    root, meta = mini_world
+    evals = sc.make_scenes(meta["spec"]["n_eval"], meta["spec"]["seed"] + 1)
+    img = Image.open(root / "images" / "eval" / "000000.jpg")
+    assert img.size == (224, 224)
+    # The pixel at each object's centre has (roughly) that object's colour.
+    for o in evals[0].objects:
+        if o.shape in ("圆形", "正方形", "菱形"):
+            px = img.getpixel((int(o.cx), int(o.cy)))
+            assert sum(abs(a - b) for a, b in zip(px, sc.COLORS[o.color])) < 60, (o, px)
+    with serving(root) as base:
+        r = requests.get(base + "eval/000000.jpg", timeout=10)
+        assert r.status_code == 200 and r.content == (root / "images" / "eval" / "000000.jpg").read_bytes()
+
+
+def test_data_example_is_committed_and_consistent():
+    d = REPO / "data_example"
+    jpgs = sorted(d.glob("*.jpg"))
+    assert [p.name for p in jpgs] == [f"{i:04d}.jpg" for i in range(100)]
+    for p in jpgs[:10]:
+        assert Image.open(p).size == (224, 224)
+        caption = p.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        assert 1 <= sum(sc.caption_objects(caption).values()) <= 3, caption
+
+
+def test_caption_checker():
+    ref = "图中有两个物体：左上方是一个红色的圆形，右下方是一个蓝色的星形。"
+    assert sc.caption_is_correct("图中有两个物体：左上方是一个红色的圆形，下方是一个蓝色的星形。", ref)
+    assert not sc.caption_is_correct("图中有一个物体：左上方是一个红色的圆形。", ref)
+    assert not sc.caption_is_correct("图中有两个物体：左上方是一个红色的圆形，右下方是一个蓝色的菱形。", ref)
+
+
+def test_scenes_are_deterministic():
+    a = [s.caption for s in sc.make_scenes(20, 7)]
+    b = [s.caption for s in sc.make_scenes(20, 7)]
+    assert a == b and len(set(a)) > 10
+    assert sc.render(sc.make_scenes(1, 7)[0]).tobytes() == sc.render(sc.make_scenes(1, 7)[0]).tobytes()
+
+
+def test_mini_profile_resolves_to_the_built_world(mini_world):
+    root, _ = mini_world
+    p = config.resolve("mini")
+    assert p.require("clip_path", "llm_path", "data_root", "eval_data_root").llm_path == root / "llm"
