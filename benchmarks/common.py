@@ -344,8 +344,8 @@ def summary(train_json: str | None, gen_json: str | None) -> str:
             lines.append(f"== {Path(path).name}: {d.get('device', {}).get('name')} "
                          f"(torch {d.get('device', {}).get('torch')}, transformers {d.get('device', {}).get('transformers')})")
             lines += d.get("table", [])
-            for k in ("checks_passed", "errors"):
-                if k in d:
+            for k in ("checks_passed", "errors", "skipped"):
+                if d.get(k) not in (None, []) or k == "checks_passed" and k in d:
                     lines.append(f"{k}: {d[k]}")
         elif path:
             lines.append(f"== {path}: missing (the run did not get that far)")

@@ -8,7 +8,8 @@
 # (modelscope, dashscope, llava_lib.data). Expected wall time: about 5-6 minutes (generate about 1 minute,
 # train_step at most about 4.5 minutes, of which one to two minutes of torch.compile); hard limits below keep the
 # whole script under 8 minutes. Results come back under $OUT: generate.json, train_step.json, both logs and
-# summary.txt. Exit status: 0 when every check (same loss, identical tokens, bit-identical logits) passed.
+# summary.txt. Exit status: 0 when every check passed (same loss; decode: identical greedy tokens in fp32,
+# bf16 agreement; see benchmarks/generate.py). The decode benchmark alone: benchmarks/gpu_generate_only.sh.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

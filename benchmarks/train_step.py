@@ -19,7 +19,8 @@ The ladder between them, each rung one change (same batch size, same batches): L
 issue 7 (padding mask kept, a KV cache built in the training forward) -> L1 no KV cache -> L2 no redundant mask
 (= train() now; also timed on batches in random order, to show what length grouping buys) -> L3 fused head loss
 -> L4 regional ``torch.compile`` (``accel.accelerate_training``). Before timing, (a) and every (b) variant compute the loss and
-the projection's gradient on the same batch; the losses must agree to ``--rtol`` (bf16).
+the projection's gradient on the same batch; the losses must agree to ``--rtol`` (bf16). Before a variant is
+timed, every batch it times has run once (``--warm-shapes``): cuDNN attention builds a plan per new shape.
 Prints samples/s, useful TFLOP/s (common.FLOP_FORMULA), % of a bf16 matmul measured in the same run, peak memory,
 and the ratio to (a). Exit status 1 when a loss check fails (the JSON is written first).
 """
@@ -130,16 +131,24 @@ class Batches:
         return [C.make_batch(rng, ls, self._pixels(batch_size), self.n_img) for ls in lengths]
 
 
-def measure(step, batches, device, llm_cfg, vis_cfg, peak_tflops: float, warmup: int) -> dict:
-    """Run ``warmup`` steps, then time the rest; samples/s, useful TFLOP/s, % of peak, peak memory."""
+def measure(step, batches, device, llm_cfg, vis_cfg, peak_tflops: float, warmup: int,
+            warm_shapes: bool = True) -> dict:
+    """Run ``warmup`` steps, then time the rest; samples/s, useful TFLOP/s, % of peak, peak memory.
+
+    ``warm_shapes``: before timing, also run every timed batch once. On Hopper, SDPA's default backend is cuDNN,
+    which builds an execution plan (tens of ms of host time, forward and backward) the first time it sees a
+    batch shape; without this, whichever variant first meets a sequence length pays those builds inside its
+    timed steps (the 2026-11-26 H200 run: docs/perf_notes.md, Change 2). A training run pays them once per shape.
+    """
     C.free_memory(device)
     C.reset_peak(device)
+    timed = batches[warmup:]
+    warm_batches = batches[:warmup] + (timed if warm_shapes else [])
     t0 = time.perf_counter()
-    for b in batches[:warmup]:
+    for b in warm_batches:
         step(b)
     C.sync(device)
     warm = time.perf_counter() - t0
-    timed = batches[warmup:]
     t0 = time.perf_counter()
     losses = [step(b) for b in timed]
     C.sync(device)
@@ -151,8 +160,8 @@ def measure(step, batches, device, llm_cfg, vis_cfg, peak_tflops: float, warmup:
     tflops = flops / dt / 1e12
     return {"batch_size": timed[0]["input_ids"].shape[0], "samples_per_s": samples / dt, "step_s": dt / len(timed),
             "tflops": tflops, "pct_peak": 100.0 * tflops / peak_tflops, "peak_gib": C.peak_gib(device),
-            "warmup_s": warm, "padding_frac": 1.0 - real / padded, "loss": float(np.mean(losses)),
-            "steps_timed": len(timed)}
+            "warmup_s": warm, "warmup_steps": len(warm_batches), "padding_frac": 1.0 - real / padded,
+            "loss": float(np.mean(losses)), "steps_timed": len(timed)}
 
 
 def loss_and_grad(fn, params) -> tuple[float, list[torch.Tensor]]:
@@ -184,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ladder-batch", type=int, default=None, help="逐项改动对比（ladder）所用的批大小")
     ap.add_argument("--steps", type=int, default=None, help="每个配置计时的步数")
     ap.add_argument("--warmup", type=int, default=None, help="每个配置预热的步数")
+    ap.add_argument("--warm-shapes", choices=("on", "off"), default="on",
+                    help="计时前把每个计时批次先跑一遍（cuDNN 注意力按形状建计划，见 measure()）")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="L4：torch.compile（auto=仅 CUDA）")
     ap.add_argument("--rtol", type=float, default=2e-2, help="损失一致性检查的相对容差（bf16）")
     ap.add_argument("--budget-s", type=float, default=None, help="时间预算（秒）；超出后跳过剩余的扫描")
@@ -208,7 +219,8 @@ def main(argv=None) -> int:
     res: dict = {"benchmark": "train_step", "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
                  "device": C.device_info(device), "mini": mini, "flop_formula": C.FLOP_FORMULA,
                  "settings": {"batch_sizes": sizes, "textbook_batch": tb_batch, "ladder_batch": ladder_b,
-                              "steps": steps, "warmup": warmup, "compile": compile_on, "rtol": args.rtol,
+                              "steps": steps, "warmup": warmup, "warm_shapes": args.warm_shapes == "on",
+                              "compile": compile_on, "rtol": args.rtol,
                               "seed": args.seed},
                  "checks": {}, "errors": [], "skipped": []}
     save = lambda: C.write_json(args.json, res)  # noqa: E731
@@ -302,7 +314,8 @@ def main(argv=None) -> int:
         batches = data.make(batch_size, grouped, n_warm, steps)
         failure = None
         try:
-            r = measure(fn, batches, device, llm_cfg, vis_cfg, peak["tflops"], n_warm)
+            r = measure(fn, batches, device, llm_cfg, vis_cfg, peak["tflops"], n_warm,
+                        warm_shapes=args.warm_shapes == "on")
         except Exception as e:  # noqa: BLE001 - record, free, go on with the next measurement
             import traceback
             failure = (C.is_oom(e), f"{key} batch {batch_size}: {type(e).__name__}: {str(e)[:400]}",
@@ -366,7 +379,7 @@ def main(argv=None) -> int:
             accel.compile_towers(model)
             r = run("L4 + torch.compile (regional)", step, ladder_b, grouped=True, key="L4")
             if r is not None and "samples_per_s" in r:
-                r["compile_s"] = max(0.0, r["warmup_s"] - warmup * r["step_s"])
+                r["compile_s"] = max(0.0, r["warmup_s"] - r["warmup_steps"] * r["step_s"])
                 compiled = check("L4_compiled")
             res["compile"] = {"ok": compiled}
         except Exception as e:  # noqa: BLE001 - a compile failure leaves the eager numbers standing

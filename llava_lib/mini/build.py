@@ -125,8 +125,17 @@ def _build_locked(root: Path, spec: BuildSpec, force: bool) -> dict:
         _log(f"迷你世界已存在，直接复用：{root}")
         return json.loads((root / "build.json").read_text(encoding="utf-8"))
     t0 = time.time()
-    # OMP_NUM_THREADS=1 helps on a busy machine: oversubscribed BLAS threads spin and crawl.
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+    # One thread by default: the same floating-point order on every run, so the same seed gives the same
+    # weights and the same check numbers (and on a busy machine oversubscribed BLAS threads only spin).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("LLAVA_BUILD_THREADS") or 1))
+    try:
+        return _build_steps(root, spec, t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_steps(root: Path, spec: BuildSpec, t0: float) -> dict:
     random.seed(spec.seed)
     if root.exists():
         shutil.rmtree(root)

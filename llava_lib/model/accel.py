@@ -236,8 +236,8 @@ class FastDecoder:
         self.pos = self.pos_ids.view(1)
         # static mode: the length mask is computed inside the graph from ``pos_ids``
         self._positions = torch.arange(self.max_len, device=self.device).view(1, 1, 1, self.max_len)
-        self._zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        self._ninf = torch.full((), float("-inf"), dtype=self.dtype, device=self.device)
+        self._zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._ninf = torch.full((), float("-inf"), dtype=torch.float32, device=self.device)
         self.length = 0
         self.lock = threading.Lock()
         self.graphs: list | None = None
@@ -301,23 +301,25 @@ class FastDecoder:
         return out                                                       # [1,1,H,hd]
 
     def _length_mask(self):
-        """Static mode: ``[1,1,1,max_len]``, 0 up to the current position, ``-inf`` after it."""
+        """Static mode: ``[1,1,1,max_len]`` fp32, 0 up to the current position, ``-inf`` after it."""
         return torch.where(self._positions <= self.pos_ids.view(1, 1, 1, 1), self._zero, self._ninf)
 
     def _attend_static(self, i: int, q, mask):
         """Static mode: attention of the one query over the whole static cache, positions after it masked.
 
-        Grouped-query attention without copying K/V: the query heads of one KV head are one matrix
-        (``[1, kv, group, hd]``, the head order of ``repeat_kv``). Scores in the model dtype, softmax in fp32 and
-        back, as transformers' eager attention does.
+        Grouped-query attention without repeating K/V: the query heads of one KV head are one matrix
+        (``[1, kv, group, hd]``, the head order of ``repeat_kv``). The precision of the fused attention kernels
+        (flash, cuDNN): scores and softmax in fp32, the probabilities rounded to the model dtype for the product
+        with V (fp32 accumulation). transformers' eager attention rounds the scores to bf16 first, which is
+        noticeably noisier.
         """
         attn = self.layers[i].self_attn
         k, v = self.k_cache[i], self.v_cache[i]                          # [1,kv,M,hd]
         b, h, s, d = q.shape                                             # s == 1
         kv = k.shape[1]
         qg = q.reshape(b, kv, (h // kv) * s, d)
-        scores = torch.matmul(qg, k.transpose(2, 3)) * attn.scaling + mask  # [1,kv,g,M]
-        w = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        scores = torch.matmul(qg.float(), k.float().transpose(2, 3)) * attn.scaling + mask  # [1,kv,g,M] fp32
+        w = torch.softmax(scores, dim=-1).to(q.dtype)
         out = torch.matmul(w, v)                                         # [1,kv,g,hd]
         return out.reshape(b, h, s, d).transpose(1, 2)                   # [1,1,H,hd]
 

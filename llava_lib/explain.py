@@ -1,0 +1,110 @@
+"""What the training notebook shows about the model and the data, as plain text.
+
+- :func:`parameter_table`: parameters per part (vision tower, projection, LLM), trainable or frozen;
+- :func:`describe_sample`: one sample of a training batch as the LLM sees it: the chat text with the image block
+  folded, where the image block sits, and which tokens carry loss;
+- :func:`eval_images`: a few held-out images with their reference captions (the same split ``train`` evaluates on);
+- :func:`notebook_stage1_dir`: where ``04_stage1_training`` saves and ``05_llava_chat`` loads the projection.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .process import IGNORE_INDEX, IMAGE_PAD, VISION_END, VISION_START
+
+
+def _count(module) -> tuple[int, int]:
+    """(all, trainable) parameters of a module (None counts as empty)."""
+    if module is None:
+        return 0, 0
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def parameter_counts(model) -> list[tuple[str, int, int]]:
+    """``[(part, parameters, trainable), ...]`` for the vision tower, the projection and the LLM."""
+    rows = [("视觉塔 Chinese-CLIP ViT", *_count(model.vision)),
+            ("投影层 projector", *_count(model.projector)),
+            ("语言模型 Qwen3", *_count(model.llm))]
+    return rows
+
+
+def parameter_table(model) -> str:
+    """The counts as an aligned text table, with totals and the trainable share."""
+    rows = parameter_counts(model)
+    total, trainable = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    lines = [f"{'部分':<24}{'参数量':>14}{'可训练':>14}  状态"]
+    for name, n, t in rows:
+        state = "训练" if t else "冻结"
+        lines.append(f"{name:<24}{n:>14,}{t:>14,}  {state}")
+    lines.append(f"{'合计':<24}{total:>14,}{trainable:>14,}")
+    share = trainable / total if total else 0.0
+    lines.append(f"可训练参数占全部参数的 {share:.3%}")
+    return "\n".join(lines)
+
+
+def _fold_image_block(text: str) -> str:
+    """``<|vision_start|><|image_pad|>...<|vision_end|>`` -> the same with the pads written as one ``× N``."""
+    start = text.find(VISION_START)
+    end = text.find(VISION_END, start)
+    if start < 0 or end < 0:
+        return text
+    n = text.count(IMAGE_PAD, start, end)
+    return text[:start] + f"{VISION_START}{IMAGE_PAD} × {n}{VISION_END}" + text[end + len(VISION_END):]
+
+
+def describe_sample(batch: dict, tokenizer, i: int = 0) -> str:
+    """Sample ``i`` of a training batch (``process.collate`` / ``data.make_collate``) as the LLM sees it.
+
+    The text between ``⟦`` and ``⟧`` is what carries loss (labels != -100); padding is left out.
+    """
+    ids = batch["input_ids"][i]
+    mask = batch["attention_mask"][i].bool()
+    ids = ids[mask].tolist()
+    labels = batch["labels"][i][mask].tolist()
+    vs, ve, pad = tokenizer.convert_tokens_to_ids([VISION_START, VISION_END, IMAGE_PAD])
+    # Decode span by span, opening and closing the loss brackets where the label mask changes.
+    pieces, span, in_loss = [], [], False
+    for tok, lab in zip(ids, labels):
+        carries = lab != IGNORE_INDEX
+        if carries != in_loss:
+            pieces.append(tokenizer.decode(span, skip_special_tokens=False))
+            pieces.append("⟦" if carries else "⟧")
+            span, in_loss = [], carries
+        span.append(tok)
+    pieces.append(tokenizer.decode(span, skip_special_tokens=False))
+    if in_loss:
+        pieces.append("⟧")
+    text = _fold_image_block("".join(pieces))
+    n_img = ids.count(pad)
+    n_loss = sum(lab != IGNORE_INDEX for lab in labels)
+    lines = [f"样本 {i}：共 {len(ids)} 个词元（其中图片占位 {n_img} 个），计算损失的词元 {n_loss} 个"]
+    if vs in ids and ve in ids:
+        a, b = ids.index(vs), ids.index(ve)
+        lines.append(f"图片块：第 {a}–{b} 个词元 = {VISION_START}({vs}) + {b - a - 1} × {IMAGE_PAD}({pad}) "
+                     f"+ {VISION_END}({ve})；投影后的图片特征写在这 {b - a - 1} 个位置上")
+    lines.append("———— LLM 看到的文本（⟦ ⟧ 里的词元计算损失）————")
+    lines.append(text)
+    loss_ids = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    lines.append("———— 计算损失的词元（逐个）————")
+    lines.append(" | ".join(repr(tokenizer.decode([t], skip_special_tokens=False))[1:-1] for t in loss_ids))
+    return "\n".join(lines)
+
+
+def eval_images(paths, n: int = 4):
+    """``(images, captions)`` of the first ``n`` held-out samples: ``cache_dir/eval``, else the tail of
+    ``cache_dir/train`` (the rule ``train`` uses when there is no separate eval split)."""
+    from .data import CachedImageDataset
+    cache = Path(paths.cache_dir)
+    if (cache / "eval").exists():
+        ds = CachedImageDataset(cache / "eval", transform=None)
+        idx = list(range(min(n, len(ds))))
+    else:
+        ds = CachedImageDataset(cache / "train", transform=None)
+        idx = list(range(max(0, len(ds) - n), len(ds)))
+    return [ds.image(i) for i in idx], [ds.captions[i] for i in idx]
+
+
+def notebook_stage1_dir(paths) -> Path:
+    """Where ``04_stage1_training`` writes its run (``final/`` holds the projection) and ``05_llava_chat`` reads it."""
+    return Path(paths.checkpoints_dir) / f"stage1-{paths.profile}-notebook"
