@@ -12,7 +12,10 @@ ensure_deps() {
     echo "[run.sh] 安装 PyTorch ..."
     "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q torch
   fi
-  if ! "$PY" -c "import llava_lib, nbval, transformers, modelscope, playwright" 2>/dev/null; then
+  # 也检查 llava_lib 是不是“这一份”代码：笔记本的内核在 notebooks/ 里启动，靠的是可编辑安装指向这里。
+  if ! (cd / && "$PY" -c "import llava_lib, nbval, transformers, modelscope, playwright, sys, os; \
+        sys.exit(os.path.dirname(os.path.dirname(os.path.realpath(llava_lib.__file__))) != os.path.realpath('$PWD'))") \
+        2>/dev/null; then
     echo "[run.sh] 安装本项目及其依赖（pip install -e .[dev]）..."
     "$PY" -m pip install -q -e ".[dev]"
   fi

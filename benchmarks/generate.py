@@ -10,10 +10,12 @@ stop set for ``generate_tokens``). Paths, timed in this order (the reference fir
 
 * ``hf_generate``: ``llm.generate(inputs_embeds=..., do_sample=False)`` with its default dynamic cache;
 * ``project_plain``: ``llava_lib.chat.generate_tokens(..., fast=False)`` (transformers' dynamic cache, our loop);
-* ``project_fast``: ``generate_tokens(..., fast=True)``: ``accel.FastDecoder`` in its default ``static`` mode (one
-  CUDA graph per token, attention over the static cache with a length mask);
+* ``project_fast``: ``generate_tokens(..., fast=True)``: ``accel.FastDecoder`` as the chat path uses it: ``static``
+  mode (one CUDA graph per token, attention over the static cache with a length mask), the decoder layer compiled
+  on a GPU (``LLAVA_FAST_DECODE_COMPILE``);
+* ``project_fast_nocompile`` (diagnostic, GPU only): the same without ``torch.compile`` (what the graph alone buys);
 * ``project_exact`` (diagnostic): the decoder's ``exact`` mode (per-layer graphs, transformers' attention on
-  exact-length views between them).
+  exact-length views between them: the first GPU session's design).
 
 Checks (exit status 1 when one fails; the JSON is written either way):
 
@@ -88,23 +90,35 @@ def hf_generate(llm, embeds, n: int) -> dict:
 
 
 @contextlib.contextmanager
-def decode_mode(mode: str | None):
-    """``LLAVA_FAST_DECODE_MODE`` for the duration (``generate_tokens`` takes the decoder's mode from it)."""
-    saved = os.environ.get("LLAVA_FAST_DECODE_MODE")
-    if mode is not None:
-        os.environ["LLAVA_FAST_DECODE_MODE"] = mode
+def env(**values):
+    """Environment variables for the duration (``generate_tokens`` takes the decoder's mode and compile choice from
+    ``LLAVA_FAST_DECODE_MODE`` / ``LLAVA_FAST_DECODE_COMPILE``); None leaves a variable as it is."""
+    saved = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is not None:
+            os.environ[k] = v
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop("LLAVA_FAST_DECODE_MODE", None)
-        else:
-            os.environ["LLAVA_FAST_DECODE_MODE"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-def project_generate(llm, embeds, n: int, fast: bool, mode: str | None = None) -> dict:
+# the fast variants: name -> (decoder mode, compile); project_fast is what the chat path uses by default on a GPU
+FAST = {"project_fast": ("static", None), "project_fast_nocompile": ("static", False), "project_exact": ("exact", None)}
+
+
+def _variant_env(name: str):
+    mode, compile = FAST[name]
+    return env(LLAVA_FAST_DECODE_MODE=mode, LLAVA_FAST_DECODE_COMPILE=None if compile is None else str(int(compile)))
+
+
+def project_generate(llm, embeds, n: int, fast: bool, variant: str | None = None) -> dict:
     """The chat path's token loop (``ChatSession.stream`` minus detokenisation); stop set empty."""
-    with decode_mode(mode):
+    with _variant_env(variant) if variant else contextlib.nullcontext():
         t0 = time.perf_counter()
         t_first, tokens = None, []
         for tok in generate_tokens(llm, embeds, set(), GenerationConfig(max_new_tokens=n), fast=fast):
@@ -113,6 +127,12 @@ def project_generate(llm, embeds, n: int, fast: bool, mode: str | None = None) -
             tokens.append(tok)
         total = time.perf_counter() - t0
     return _timing(tokens, t0, t_first or t0, total)
+
+
+def cached(llm, variant: str):
+    mode, compile = FAST[variant]
+    with _variant_env(variant):
+        return accel.cached_decoder(llm, mode)
 
 
 def _timing(tokens, t0, t_first, total) -> dict:
@@ -153,9 +173,11 @@ def forced_plain(llm, embeds, tokens: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forced_fast(llm, embeds, tokens: list[int], mode: str) -> tuple[torch.Tensor | None, dict]:
+def forced_fast(llm, embeds, tokens: list[int], variant: str) -> tuple[torch.Tensor | None, dict]:
     """The fast decoder's logits on the same tokens (same prefill as the plain path)."""
-    dec = accel.acquire_decoder(llm, embeds.shape[1] + len(tokens), fast=True, mode=mode)
+    mode, _ = FAST[variant]
+    with _variant_env(variant):
+        dec = accel.acquire_decoder(llm, embeds.shape[1] + len(tokens), fast=True, mode=mode)
     if dec is None:
         return None, {"ran": False, "reason": "no FastDecoder for this model"}
     try:
@@ -226,6 +248,9 @@ def no_cudnn_attention():
 
 
 # ----------------------------------------------------------------------------------------- main
+FP32_RESERVE_S = 30.0   # kept for the fp32 check (the acceptance check) when deciding whether a diagnostic fits
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="批大小 1 的贪心解码：transformers generate（动态缓存）vs 本项目的对话路径")
     ap.add_argument("--device", default=None, help="cuda / cpu（默认：有 GPU 用 cuda）")
@@ -320,24 +345,29 @@ def main(argv=None) -> int:
     project_generate(llm, embeds, min(n, 8), fast=False)
     timed("project_plain", lambda: project_generate(llm, embeds, n, fast=False), reps)
 
-    # 2. the fast path (default mode) and, as a diagnostic, the exact mode; the first call of each builds it
-    setups = {}
-    for name, mode, k in (("project_fast", "static", reps), ("project_exact", "exact", 1)):
-        if name == "project_exact" and (args.exact == "off" or left() < 45):
-            res["skipped"].append(f"{name} ({'off' if args.exact == 'off' else 'time budget'})")
-            continue
+    # 2. the fast path (what the chat path uses) and, as diagnostics, the static graphs without compilation and the
+    #    exact mode; the first call of each builds its decoder (compile, capture)
+    def fast_variant(name: str, k: int, need_s: float) -> None:
+        if name != "project_fast" and (args.exact == "off" and name == "project_exact" or left() < need_s):
+            res["skipped"].append(f"{name} ({'off' if args.exact == 'off' and name == 'project_exact' else 'time budget'})")
+            return
         try:
             t0 = time.perf_counter()
-            cold = project_generate(llm, embeds, n, fast=True, mode=mode)
-            setups[name] = (time.perf_counter() - t0, cold)
+            project_generate(llm, embeds, n, fast=True, variant=name)
+            first = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001
             res["errors"].append(f"{name} (first call): {type(e).__name__}: {str(e)[:400]}")
-            continue
-        dec = accel.cached_decoder(llm, mode)
-        res.setdefault("fast_decoder", {})[mode] = dec.report() if dec else {"error": "no decoder was built"}
-        timed(name, lambda mode=mode: project_generate(llm, embeds, n, fast=True, mode=mode), k)
+            return
+        dec = cached(llm, name)
+        res.setdefault("fast_decoder", {})[name] = dec.report() if dec else {"error": "no decoder was built"}
+        timed(name, lambda: project_generate(llm, embeds, n, fast=True, variant=name), k)
         if name in paths:
-            res.setdefault("fast_setup_s", {})[mode] = max(0.0, setups[name][0] - paths[name]["total_s"])
+            res.setdefault("fast_setup_s", {})[name] = max(0.0, first - paths[name]["total_s"])
+
+    fast_variant("project_fast", reps, 0)
+    if device.type == "cuda":   # on a CPU nothing compiles by default: it would be project_fast again
+        fast_variant("project_fast_nocompile", 1, FP32_RESERVE_S + 5)
+    fast_variant("project_exact", 1, FP32_RESERVE_S + 15)
     save()
 
     # 3. tokens across paths, and teacher-forced logits against the plain path
@@ -353,12 +383,12 @@ def main(argv=None) -> int:
             plain = forced_plain(llm, embeds, ref)
             again = forced_plain(llm, embeds, ref)
             diag["reference_repeats_itself"] = compare(plain, again)
-            for name, mode in (("project_fast", "static"), ("project_exact", "exact")):
+            del again
+            for name in FAST:
                 if name in paths:
-                    logits, _ = forced_fast(llm, embeds, ref, mode)
+                    logits, _ = forced_fast(llm, embeds, ref, name)
                     if logits is not None:
                         forced[name] = compare(plain, logits)
-            del again
         except Exception as e:  # noqa: BLE001
             res["errors"].append(f"teacher forcing: {type(e).__name__}: {str(e)[:400]}")
     checks["forced"] = forced
@@ -366,7 +396,7 @@ def main(argv=None) -> int:
 
     # 4. diagnostics: the reference without cuDNN attention (does it repeat itself? is the exact mode bit-exact?)
     want_diag = args.diagnose == "on" or (args.diagnose == "auto" and device.type == "cuda")
-    if want_diag and ref and left() > 30:
+    if want_diag and ref and left() > FP32_RESERVE_S + 15:
         try:
             with no_cudnn_attention():
                 runs = [hf_generate(llm, embeds, n) for _ in range(2)]
@@ -377,7 +407,7 @@ def main(argv=None) -> int:
                 p1 = forced_plain(llm, embeds, runs[0]["tokens"])
                 d["reference_repeats_itself"] = compare(p1, forced_plain(llm, embeds, runs[0]["tokens"]))
                 if "project_exact" in paths:
-                    logits, _ = forced_fast(llm, embeds, runs[0]["tokens"], "exact")
+                    logits, _ = forced_fast(llm, embeds, runs[0]["tokens"], "project_exact")
                     if logits is not None:
                         d["exact_vs_plain"] = compare(p1, logits)
                 del p1
@@ -393,25 +423,28 @@ def main(argv=None) -> int:
     want_fp32 = args.fp32_check == "on" or (args.fp32_check == "auto" and not main_fp32)
     fp32: dict = {}
     if main_fp32 and "project_fast" in paths and ref:
-        fp32 = {"from": "main run", "hf_tokens_distinct": len(set(ref)),
+        fp32 = {"from": "main run", "variant": "project_fast", "hf_tokens_distinct": len(set(ref)),
                 "tokens_identical": paths["project_fast"]["tokens"] == ref,
                 "first_divergence": first_divergence(ref, paths["project_fast"]["tokens"])}
         if "project_fast" in forced:
             fp32["forced"] = forced["project_fast"]
     elif want_fp32 and "project_fast" in paths:
+        # the shipped variant (compiled on a GPU); without compilation when the budget cannot pay a second compile
+        compiled = bool(res.get("fast_decoder", {}).get("project_fast", {}).get("compiled"))
+        variant = "project_fast" if not compiled or left() > 40 else "project_fast_nocompile"
         try:
             llm.float()
             e32 = embeds.float()
             hf32 = hf_generate(llm, e32, n)
-            fast32 = project_generate(llm, e32, n, fast=True, mode="static")
-            fp32 = {"from": "fp32 run", "hf_tokens_distinct": len(set(hf32["tokens"])),
+            fast32 = project_generate(llm, e32, n, fast=True, variant=variant)
+            dec32 = cached(llm, variant)
+            fp32 = {"from": "fp32 run", "variant": variant, "hf_tokens_distinct": len(set(hf32["tokens"])),
                     "tokens_identical": fast32["tokens"] == hf32["tokens"],
                     "first_divergence": first_divergence(hf32["tokens"], fast32["tokens"]),
-                    "hf_tokens_per_s": hf32["tokens_per_s"], "fast_tokens_per_s": fast32["tokens_per_s"]}
-            dec32 = accel.cached_decoder(llm, "static")
-            fp32["fast_decoder"] = dec32.report() if dec32 is not None else None
-            if left() > 10:
-                logits, _ = forced_fast(llm, e32, hf32["tokens"], "static")
+                    "hf_tokens_per_s": hf32["tokens_per_s"], "fast_tokens_per_s": fast32["tokens_per_s"],
+                    "fast_decoder": dec32.report() if dec32 is not None else None}
+            if left() > 8:
+                logits, _ = forced_fast(llm, e32, hf32["tokens"], variant)
                 if logits is not None:
                     fp32["forced"] = compare(forced_plain(llm, e32, hf32["tokens"]), logits)
         except Exception as e:  # noqa: BLE001
@@ -421,7 +454,7 @@ def main(argv=None) -> int:
 
     # verdict
     fast_forced = forced.get("project_fast", {})
-    static_rep = res.get("fast_decoder", {}).get("static", {})
+    static_rep = res.get("fast_decoder", {}).get("project_fast", {})
     graph_ok = static_rep.get("ok", True) and (device.type != "cuda" or bool(static_rep.get("cuda_graphs")))
     fp32_ok = bool(fp32.get("tokens_identical")) and fp32.get("hf_tokens_distinct", 0) >= min_distinct
     if main_fp32:
@@ -438,7 +471,7 @@ def main(argv=None) -> int:
     res["checks_passed"] = bool(checks_ok)
 
     base = paths.get("hf_generate", {}).get("tokens_per_s")
-    for name in ("project_fast", "project_plain", "project_exact"):
+    for name in ("project_fast", "project_plain", "project_fast_nocompile", "project_exact"):
         key = "ratio_" + name.replace("project_", "") + "_over_hf"
         res[key] = paths[name]["tokens_per_s"] / base if base and name in paths else None
     res["target_ratio"] = 5.0   # issue 7: at least 5x transformers' dynamic cache
@@ -454,38 +487,52 @@ def main(argv=None) -> int:
 def table(res: dict, paths: dict, n: int) -> list[str]:
     labels = {"hf_generate": "transformers generate (dynamic cache)",
               "project_plain": "project chat path, plain (dynamic cache)",
-              "project_fast": "project chat path, FastDecoder static",
+              "project_fast": "project chat path, FastDecoder",
+              "project_fast_nocompile": "FastDecoder static, not compiled (diag.)",
               "project_exact": "FastDecoder exact (diagnostic)"}
-    graphs = {m: r.get("cuda_graphs") for m, r in res.get("fast_decoder", {}).items()}
     base = paths.get("hf_generate", {}).get("tokens_per_s")
-    rows = [f"{'path (batch 1, ' + str(n) + ' new tokens)':<44s} {'tok/s':>8s} {'TTFT ms':>8s} {'decode tok/s':>12s} "
+    rows = [f"{'path (batch 1, ' + str(n) + ' new tokens)':<52s} {'tok/s':>7s} {'TTFT ms':>8s} {'dec tok/s':>9s} "
             f"{'x HF':>6s} {'same runs':>9s}"]
     for name, p in paths.items():
         label = labels[name]
-        mode = {"project_fast": "static", "project_exact": "exact"}.get(name)
-        if mode and graphs.get(mode):
-            label += " (graphs)"
+        rep = res.get("fast_decoder", {}).get(name)
+        if rep:
+            label += " (" + "+".join([x for x, on in (("compiled", rep.get("compiled")),
+                                                       ("graphs", rep.get("cuda_graphs"))) if on] or ["eager"]) + ")"
         ratio = p["tokens_per_s"] / base if base else float("nan")
-        rows.append(f"{label:<44s} {p['tokens_per_s']:>8.1f} {p['ttft_s'] * 1e3:>8.1f} "
-                    f"{p['decode_tokens_per_s']:>12.1f} {ratio:>6.2f} {str(p['same_tokens_every_run']):>9s}")
+        rows.append(f"{label:<52s} {p['tokens_per_s']:>7.1f} {p['ttft_s'] * 1e3:>8.1f} "
+                    f"{p['decode_tokens_per_s']:>9.1f} {ratio:>6.2f} {str(p['same_tokens_every_run']):>9s}")
     checks = res["checks"]
     fp32, forced = checks.get("fp32", {}), checks.get("forced", {})
     f = forced.get("project_fast", {})
-    rows.append(f"fp32 ({fp32.get('from', '-')}): tokens identical HF vs fast: {fp32.get('tokens_identical')} "
-                f"({fp32.get('hf_tokens_distinct', '-')} distinct); max |dlogit| "
+    rows.append(f"fp32 ({fp32.get('from', '-')}, {fp32.get('variant', '-')}): tokens identical HF vs fast: "
+                f"{fp32.get('tokens_identical')} ({fp32.get('hf_tokens_distinct', '-')} distinct); max |dlogit| "
                 f"{C._fmt((fp32.get('forced') or {}).get('max_abs_diff'), '.2e')}")
     rows.append(f"{res['models']['dtype']} teacher-forced fast vs plain: greedy agreement "
                 f"{C._fmt(f.get('argmax_agreement'), '.3f')}, max |dlogit| {C._fmt(f.get('max_abs_diff'), '.3f')} "
-                f"(logits up to {C._fmt(f.get('logit_scale'), '.1f')}), non-finite steps plain/fast "
-                f"{f.get('nonfinite_steps_ref', '-')}/{f.get('nonfinite_steps_other', '-')}")
+                f"mean {C._fmt(f.get('mean_abs_diff'), '.4f')} (logits up to {C._fmt(f.get('logit_scale'), '.1f')}), "
+                f"non-finite steps plain/fast {f.get('nonfinite_steps_ref', '-')}/{f.get('nonfinite_steps_other', '-')}")
     e = forced.get("project_exact")
     if e:
-        rows.append(f"exact mode vs plain: bit-identical steps {e['bit_identical_steps']}/{e['steps']}")
-    rr = res.get("diagnostics", {}).get("reference_repeats_itself")
+        rows.append(f"exact mode vs plain: bit-identical steps {e['bit_identical_steps']}/{e['steps']}, "
+                    f"non-finite steps plain/exact {e['nonfinite_steps_ref']}/{e['nonfinite_steps_other']}")
+    diag = res.get("diagnostics", {})
+    rr = diag.get("reference_repeats_itself")
     if rr:
         rows.append(f"reference repeats itself (two teacher-forced passes): bit-identical steps "
                     f"{rr['bit_identical_steps']}/{rr['steps']}; SDPA decode backend "
-                    f"{res['diagnostics'].get('sdpa', {}).get('decode_backend', '-')}")
+                    f"{diag.get('sdpa', {}).get('decode_backend', '-')}")
+    nc = diag.get("without_cudnn_attention")
+    if nc and "error" not in nc:
+        ev = nc.get("exact_vs_plain", {})
+        rows.append(f"without cuDNN attention: HF same tokens both runs {nc['same_tokens_both_runs']}, passes "
+                    f"bit-identical {nc['reference_repeats_itself']['bit_identical_steps']}/"
+                    f"{nc['reference_repeats_itself']['steps']}, exact vs plain bit-identical "
+                    f"{ev.get('bit_identical_steps', '-')}/{ev.get('steps', '-')}")
+    rows.append(f"ratio fast/hf {C._fmt(res.get('ratio_fast_over_hf'), '.2f')} (target {res.get('target_ratio')}x: "
+                f"{'met' if res.get('target_met') else 'missed'}); not compiled "
+                f"{C._fmt(res.get('ratio_fast_nocompile_over_hf'), '.2f')}, exact "
+                f"{C._fmt(res.get('ratio_exact_over_hf'), '.2f')}")
     rows.append(f"tokens identical across paths ({res['models']['dtype']}): {checks.get('tokens_identical')} "
                 f"({checks.get('distinct_tokens')} distinct); setup s: "
                 + ", ".join(f"{m} {v:.2f}" for m, v in res.get("fast_setup_s", {}).items()))

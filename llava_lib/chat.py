@@ -66,7 +66,8 @@ def generate_tokens(llm, inputs_embeds: torch.Tensor, stop_ids: set[int], cfg: G
 
     Stops at a stop id (not yielded), after ``max_new_tokens``, or when ``stop_event`` is set. ``fast`` picks the
     decode steps: None = ``LLAVA_FAST_DECODE`` or, unset, CUDA graphs on a static cache when on a GPU
-    (:class:`llava_lib.model.accel.FastDecoder`, same tokens), transformers' dynamic cache on a CPU.
+    (:class:`llava_lib.model.accel.FastDecoder`: the same function, bf16 rounding may differ), transformers' dynamic
+    cache on a CPU.
     """
     generator = None
     if cfg.do_sample and cfg.seed is not None:

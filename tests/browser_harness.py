@@ -314,8 +314,17 @@ class LabPage:
             self.page.goto(url, wait_until="domcontentloaded", timeout=timeout * 1000)
             self.page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell").first.wait_for(
                 state="visible", timeout=timeout * 1000)
+            self._collapse_left_sidebar()
         with self.step(f"等待 {path} 的内核启动"):
             poll(lambda: self._kernel_state(path) == "idle", timeout, "内核启动并空闲")
+
+    def _collapse_left_sidebar(self) -> None:
+        """Close the file browser (as on a narrow screen) so the notebook gets the full width; cosmetic only."""
+        with contextlib.suppress(Exception):
+            tab = self.page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current")
+            if tab.count():
+                tab.first.click(timeout=5_000)
+                self.page.locator("#jp-left-stack").wait_for(state="hidden", timeout=5_000)
 
     def _session(self, path: str) -> dict | None:
         for s in self.server.api("GET", "api/sessions") or []:

@@ -175,6 +175,29 @@ def test_static_mode_bf16_agrees_to_bf16_precision():
     assert float((a.float() - b.float()).abs().max()) <= 0.1 * float(a.float().abs().max())
 
 
+def test_compiled_static_layer_is_one_graph_for_all_layers():
+    """The GPU default compiles the decoder layer: every layer shares one graph (its weights are graph inputs), and
+    the compiled step is the same function (aot_eager here: the tracing, not inductor's code generation)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    model, embeds = _varied_model(seed=6)
+    llm = model.llm
+    plain = list(generate_tokens(llm, embeds, set(), GenerationConfig(max_new_tokens=20), fast=False))
+    torch._dynamo.reset()
+    counters.clear()
+    accel._COMPILED_LAYER.clear()
+    try:
+        dec = accel.FastDecoder(llm, 256, compile=True, compile_backend="aot_eager")
+        assert dec.compiled and dec.compile_info["ok"], dec.compile_info
+        a, b = _forced(llm, embeds, plain, dec)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        accel._COMPILED_LAYER.clear()
+        torch._dynamo.reset()
+    assert graphs == 1, graphs
+    assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
+
+
 def test_bf16_agreement_check_catches_a_wrong_mask():
     """The benchmark's bf16 criteria (agreement, mean |diff|) are not vacuous: a decoder whose mask hides the
     current token fails them, the real one passes."""
