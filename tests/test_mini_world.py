@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from llava_lib import config
-from llava_lib.mini import build as mini_build
+from llava_lib.mini.build import build as build_mini
+from llava_lib.mini.build import url_for
 from llava_lib.mini import scenes as sc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def test_check_thresholds(mini_world):
 def test_second_build_reuses_the_cache(mini_world):
     root, meta = mini_world
     t = time.time()
-    again = mini_build.build()
+    again = build_mini()
     assert time.time() - t < 30
     assert again["metrics"] == meta["metrics"]
 
@@ -58,7 +59,7 @@ def test_all_three_cap_seg_forms_round_trip_through_the_reader(mini_world):
     rows = list(read_sa1b(root / "sa1b"))
     assert [r.caption for r in rows] == [s.caption for s in scenes]
     assert [r.row_id for r in rows] == list(range(len(scenes)))
-    assert rows[5].url == mini_build.url_for("train", 5)
+    assert rows[5].url == url_for("train", 5)
 
 
 def test_images_match_their_captions_and_urls_are_served_on_loopback(mini_world):
