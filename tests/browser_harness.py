@@ -15,7 +15,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -400,8 +399,8 @@ class LabPage:
 
     def ask(self, cell, question: str, timeout: float) -> dict:
         """Type ``question``, press 发送, wait until the new assistant bubble is finished; returns its state."""
-        before = len(self.chat_state(cell)["assistant"])
         with self.step("在 .llava-chat-input 里输入问题"):
+            before = len(self.chat_state(cell)["assistant"])
             box = cell.locator(".llava-chat-input textarea")
             box.click(timeout=10_000)
             box.fill(question, timeout=10_000)
@@ -450,7 +449,7 @@ _CHAT_STATE_JS = """(cell) => {
       done: !!done, streaming: !!streaming,
       thought: visible(details),
       thought_summary: details ? text(details.querySelector('summary')) : '',
-      thought_text: details ? (details.textContent || '').trim() : '',
+      thought_text: details ? ((details.querySelector('div') || {}).textContent || '').trim() : '',
     };
   });
   const img = chat.querySelector('img.llava-chat-image');
