@@ -2,7 +2,8 @@
 
 A code cell is *checked* when one of its lines is the comment ``# NBVAL_CHECK_OUTPUT`` (nbval's own rule) or its
 metadata has the tag ``nbval-check-output``; its outputs are the reference that ``pytest --nbval-lax`` compares
-against, so they stay. Every other cell loses its outputs and its execution count.
+against, so they stay, with a stable execution count (nbval skips nothing but refuses a reference cell with
+outputs and no count). Every other cell loses its outputs and its execution count.
 
     python -m llava_lib.nbtools strip notebooks/*.ipynb     # strip in place (keeps the checked cells' outputs)
     python -m llava_lib.nbtools check notebooks/*.ipynb     # exit 1 and list the cells that carry outputs
@@ -45,21 +46,25 @@ _VOLATILE_METADATA = ("execution", "collapsed", "scrolled")
 def strip_notebook(nb) -> int:
     """Strip outputs and execution counts in place, except in checked cells; returns how many cells changed.
 
-    Checked cells keep their outputs, but their execution count (and the counts inside ``execute_result``
-    outputs) become ``None`` so a re-run does not show up as a diff. Volatile cell metadata (timings, scroll
-    state) is dropped everywhere, and so are the notebook's widget states.
+    A checked cell keeps its outputs and gets a stable execution count (its 1-based position among the code
+    cells): nbval refuses a reference cell that has outputs but no count ("unrun"), and a stable number means a
+    re-run leaves no diff. Volatile cell metadata (timings, scroll state) and saved widget states are dropped.
     """
     changed = 0
+    code_index = 0
     for cell in nb.cells:
         before = repr(cell)
         if cell.get("cell_type") == "code":
-            cell["execution_count"] = None
-            if is_checked(cell):
-                for out in cell.get("outputs", []):
+            code_index += 1
+            if is_checked(cell) and cell.get("outputs"):
+                cell["execution_count"] = code_index
+                for out in cell["outputs"]:
                     if "execution_count" in out:
-                        out["execution_count"] = None
+                        out["execution_count"] = code_index
             else:
-                cell["outputs"] = []
+                cell["execution_count"] = None
+                if not is_checked(cell):
+                    cell["outputs"] = []
         meta = cell.get("metadata", {})
         for key in _VOLATILE_METADATA:
             meta.pop(key, None)
@@ -76,17 +81,19 @@ def dirty_cells(nb) -> list[str]:
     for i, cell in enumerate(nb.cells):
         if cell.get("cell_type") != "code":
             continue
+        code_index += 1
         first = (cell.get("source") or "").strip().splitlines()[:1]
         where = f"第 {i} 个单元格（代码单元 {code_index}：{first[0][:40] if first else ''!r}）"
-        code_index += 1
+        if is_checked(cell) and cell.get("outputs"):
+            counts = {cell.get("execution_count")} | {o["execution_count"] for o in cell["outputs"]
+                                                      if "execution_count" in o}
+            if counts != {code_index}:
+                problems.append(f"{where} 是检查单元格，执行计数应为 {code_index}（nbval 需要它），实际是 {sorted(counts, key=str)}")
+            continue
         if cell.get("execution_count") is not None:
             problems.append(f"{where} 带有执行计数 {cell['execution_count']}")
-        if cell.get("outputs") and not is_checked(cell):
+        if cell.get("outputs"):
             problems.append(f"{where} 带有输出，但没有 # {CHECK_MARKER} 标记")
-        for out in cell.get("outputs", []):
-            if out.get("execution_count") is not None:
-                problems.append(f"{where} 的输出带有执行计数")
-                break
     if "widgets" in nb.metadata:
         problems.append("notebook 元数据里保存了控件状态（metadata.widgets）")
     return problems

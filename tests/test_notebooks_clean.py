@@ -67,7 +67,7 @@ def test_strip_keeps_only_checked_outputs(tmp_path):
                 _cell("print(1)", ["1\n"], 1),
                 _cell("# NBVAL_CHECK_OUTPUT\nprint(2)", ["2\n"], 2),
                 _cell("1 + 1", (), 3)]
-    nb.cells[3].outputs = [nbformat.v4.new_output("execute_result", data={"text/plain": "2"}, execution_count=3)]
+    nb.cells[3].outputs = [nbformat.v4.new_output("execute_result", data={"text/plain": "2"}, execution_count=7)]
     nb.cells[3].source = "# NBVAL_CHECK_OUTPUT\n1 + 1"
     nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {}}
     assert len(nbtools.dirty_cells(nb)) >= 3
@@ -77,8 +77,11 @@ def test_strip_keeps_only_checked_outputs(tmp_path):
     assert nbtools.main(["strip", str(path)]) == 0
     out = nbformat.read(path, as_version=4)
     assert out.cells[1].outputs == [] and out.cells[1].execution_count is None
-    assert out.cells[2].outputs[0].text == "2\n" and out.cells[2].execution_count is None
-    assert out.cells[3].outputs[0].execution_count is None and out.cells[3].outputs[0].data["text/plain"] == "2"
+    # Checked cells keep their outputs and get a stable count (their position among code cells): nbval refuses
+    # a reference cell with outputs and no count.
+    assert out.cells[2].outputs[0].text == "2\n" and out.cells[2].execution_count == 2
+    assert out.cells[3].execution_count == 3
+    assert out.cells[3].outputs[0].execution_count == 3 and out.cells[3].outputs[0].data["text/plain"] == "2"
     assert "widgets" not in out.metadata
     assert nbtools.dirty_cells(out) == []
     assert nbtools.main(["check", str(path)]) == 0
@@ -99,7 +102,7 @@ def test_refresh_executes_and_keeps_new_reference_outputs(tmp_path):
     nbtools.main(["refresh", str(path)])
     out = nbformat.read(path, as_version=4)
     assert out.cells[0].outputs == []
-    assert out.cells[1].outputs[0].text == "42\n"
+    assert out.cells[1].outputs[0].text == "42\n" and out.cells[1].execution_count == 2
     assert out.cells[4].outputs[0].text == "43\n"
     assert out.cells[3].metadata["tags"] == ["nbval-skip"]  # metadata left as it was
     assert nbtools.dirty_cells(out) == []
