@@ -85,11 +85,8 @@ def _cast_like_autocast(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 def fused_lean_causal_lm_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 4096):
     """Drop-in for :func:`llava_lib.model.llava.lean_causal_lm_loss` (same arguments, same ``StepOutput``)."""
-    from .llava import StepOutput
-    targets = labels[:, 1:]
-    selected = targets != IGNORE_INDEX
-    h = hidden[:, :-1][selected]                                         # [N, D]
-    y = targets[selected]                                                # [N]
+    from .llava import StepOutput, labelled_positions
+    h, y = labelled_positions(hidden, labels)
     n = y.numel()
     if n == 0:
         return StepOutput(hidden.sum() * 0.0, 0)

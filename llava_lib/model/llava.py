@@ -108,6 +108,13 @@ def is_right_padded(attention_mask: torch.Tensor) -> bool:
     return not bool((m[:, 1:] & ~m[:, :-1]).any())
 
 
+def labelled_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states ``[N, D]`` that predict a label, and those labels ``[N]`` (shift by one, skip -100)."""
+    targets = labels[:, 1:]
+    selected = targets != IGNORE_INDEX
+    return hidden[:, :-1][selected], targets[selected]
+
+
 def lean_causal_lm_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
                         chunk: int = 4096) -> StepOutput:
     """Mean next-token cross-entropy, evaluating the (151,936-way) head only at labelled positions.
@@ -115,10 +122,7 @@ def lean_causal_lm_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.
     Equal to transformers' causal-LM loss (shift by one, ignore -100, mean over label tokens), without ever
     building ``[B, T, vocab]`` logits; rows are processed in chunks to bound the logits' memory.
     """
-    targets = labels[:, 1:]
-    selected = targets != IGNORE_INDEX
-    h = hidden[:, :-1][selected]                                     # [N, D]
-    y = targets[selected]                                            # [N]
+    h, y = labelled_positions(hidden, labels)
     n = y.numel()
     if n == 0:
         return StepOutput(hidden.sum() * 0.0, 0)
