@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
 
 # ---------------------------------------------------------------------------------------------------- training
 
