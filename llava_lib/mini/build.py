@@ -25,7 +25,7 @@ from ..model.checkpoint import atomic_write_json
 from ..process import encode_conversation
 from . import scenes as sc
 
-BUILD_VERSION = 5  # bump when the builder's output changes, so old caches are rebuilt
+BUILD_VERSION = 6  # bump when the builder's output changes, so old caches are rebuilt
 MINI_URL_BASE = "http://127.0.0.1:18765/"
 CLIP_GALLERY = 10    # text -> image top-1 is measured within galleries of 10 held-out images (chance: 0.1)
 TOP1_MIN = 0.9        # the build is good when CLIP retrieval top-1 reaches this ...
@@ -43,7 +43,8 @@ class BuildSpec:
     clip_text_steps: int = 300
     clip_steps: int = 300
     clip_batch: int = 32
-    llm_steps: int = 200
+    llm_steps: int = 600
+    llm_batch: int = 24
     version: int = BUILD_VERSION
 
 
@@ -125,10 +126,11 @@ def _build_locked(root: Path, spec: BuildSpec, force: bool) -> dict:
         _log(f"迷你世界已存在，直接复用：{root}")
         return json.loads((root / "build.json").read_text(encoding="utf-8"))
     t0 = time.time()
-    # One thread by default: the same floating-point order on every run, so the same seed gives the same
-    # weights and the same check numbers (and on a busy machine oversubscribed BLAS threads only spin).
+    # A fixed thread count (2 by default, the course's smallest machine): the same floating-point order on every
+    # run, so the same seed gives the same weights and check numbers. LLAVA_BUILD_THREADS=1 on a busy machine,
+    # where oversubscribed BLAS threads only spin.
     threads = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("LLAVA_BUILD_THREADS") or 1))
+    torch.set_num_threads(int(os.environ.get("LLAVA_BUILD_THREADS") or 2))
     try:
         return _build_steps(root, spec, t0)
     finally:
@@ -159,7 +161,7 @@ def _build_steps(root: Path, spec: BuildSpec, t0: float) -> dict:
     _log(f"3/6 训练迷你 Qwen3（{spec.llm_steps} 步）...")
     from .lm_train import train_llm
     lm_scenes = sc.make_scenes(spec.n_lm_scenes, spec.seed + 2)
-    llm = train_llm(qwen_tok, lm_scenes, steps=spec.llm_steps, seed=spec.seed, log=_log)
+    llm = train_llm(qwen_tok, lm_scenes, steps=spec.llm_steps, batch=spec.llm_batch, seed=spec.seed, log=_log)
     llm.generation_config.eos_token_id = [qwen_tok.convert_tokens_to_ids("<|im_end|>"), qwen_tok.pad_token_id]
     llm.generation_config.pad_token_id = qwen_tok.pad_token_id
     llm.save_pretrained(root / "llm")

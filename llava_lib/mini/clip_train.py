@@ -28,7 +28,8 @@ SHAPE_INDEX = {s: i for i, s in enumerate(SHAPES)}
 def mini_clip_config(text_vocab_size: int, width: int = 64, layers: int = 3) -> ChineseCLIPConfig:
     return ChineseCLIPConfig(
         text_config=dict(vocab_size=text_vocab_size, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                         intermediate_size=256, max_position_embeddings=96, pad_token_id=0),
+                         intermediate_size=256, max_position_embeddings=96, pad_token_id=0,
+                         initializer_range=0.1),  # BERT's 0.02 is sized for width 768; at 64 it learns slowly
         vision_config=dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=4,
                            intermediate_size=4 * width, image_size=224, patch_size=16, projection_dim=64),
         projection_dim=64,
@@ -54,6 +55,31 @@ def cell_targets(scene: Scene) -> np.ndarray:
         out[0, o.cell] = 1 + COLOR_INDEX[o.color]
         out[1, o.cell] = 1 + SHAPE_INDEX[o.shape]
     return out
+
+
+CODE_BLOCK = 16  # per cell: 7 colour slots (0 = empty) + 6 shape slots (0 = empty) + 3 unused
+
+
+def scene_code(scene: Scene, dim: int = 64) -> np.ndarray:
+    """A unit vector that spells the whole scene: per cell, a one-hot colour and a one-hot shape.
+
+    Both towers' projected embeddings are pulled towards it (besides CLIP's contrastive loss). Two scenes that
+    differ in one attribute of one cell then sit at cosine 7/8, so retrieval among hundreds of held-out scenes
+    works once each tower reads every cell right -- what 400M pairs teach a real CLIP, given to ours directly.
+    """
+    assert dim >= N_CELLS * CODE_BLOCK
+    out = np.zeros(dim, dtype=np.float32)
+    t = cell_targets(scene)
+    for k in range(N_CELLS):
+        out[k * CODE_BLOCK + t[0, k]] = 1.0
+        out[k * CODE_BLOCK + 1 + len(COLORS) + t[1, k]] = 1.0
+    return out / np.linalg.norm(out)
+
+
+def _code_loss(emb: torch.Tensor, batch_scenes) -> torch.Tensor:
+    """Squared distance between unit embeddings and the scenes' codes (0 when they coincide)."""
+    codes = torch.from_numpy(np.stack([scene_code(s, emb.shape[-1]) for s in batch_scenes]))
+    return (emb - codes).pow(2).sum(-1).mean()
 
 
 def patch_targets(scene: Scene) -> np.ndarray:
@@ -161,11 +187,12 @@ def train_clip(images: torch.Tensor, scenes: list[Scene], tokenizer, *, steps: i
         layout = torch.from_numpy(np.stack([cell_targets(s) for s in batch_scenes]))
         tok = txt_heads.token_loss(out.hidden_states[-2], _char_targets_batch(batch_scenes, ids))
         cls = out.last_hidden_state[:, 0]
-        return cls, tok, txt_heads.layout_loss(cls, layout)
+        txt_emb = F.normalize(model.text_projection(cls), dim=-1)
+        return txt_emb, tok, txt_heads.layout_loss(cls, layout) + _code_loss(txt_emb, batch_scenes)
 
     # Phase 1: the text tower alone.
     text_scenes = text_scenes or scenes
-    text_params = [p for m in (model.text_model, txt_heads) for p in m.parameters()]
+    text_params = [p for m in (model.text_model, model.text_projection, txt_heads) for p in m.parameters()]
     opt = torch.optim.AdamW(text_params, lr=lr, weight_decay=0.01)
     for step in range(text_steps):
         for group in opt.param_groups:
@@ -192,8 +219,8 @@ def train_clip(images: torch.Tensor, scenes: list[Scene], tokenizer, *, steps: i
         idx = torch.randperm(n, generator=g)[:batch]
         vis = model.vision_model(pixel_values=normalize_uint8(images[idx]), output_hidden_states=True)
         img_emb = F.normalize(model.visual_projection(vis.pooler_output), dim=-1)
-        cls, char_loss, text_layout = text_losses([scenes[i] for i in idx.tolist()])
-        txt_emb = F.normalize(model.text_projection(cls), dim=-1)
+        batch_scenes = [scenes[i] for i in idx.tolist()]
+        txt_emb, char_loss, text_layout = text_losses(batch_scenes)
         logits = model.logit_scale.exp().clamp(max=100) * txt_emb @ img_emb.T
         # Same caption twice in a batch: both images count as right answers.
         same = torch.tensor([[captions[i] == captions[j] for j in idx.tolist()] for i in idx.tolist()],
@@ -204,7 +231,7 @@ def train_clip(images: torch.Tensor, scenes: list[Scene], tokenizer, *, steps: i
         # Both the last layer (what Stage 1 reads) and the one before (what [CLS] gathers) say what each patch shows.
         patch_loss = (vis_heads.token_loss(vis.hidden_states[-2][:, 1:], targets[:, idx])
                       + vis_heads.token_loss(vis.last_hidden_state[:, 1:], targets[:, idx]))
-        image_layout = vis_heads.layout_loss(vis.pooler_output, layouts[idx])
+        image_layout = vis_heads.layout_loss(vis.pooler_output, layouts[idx]) + _code_loss(img_emb, batch_scenes)
         loss = clip_loss + patch_loss + image_layout + char_loss + text_layout
         if to_words is not None:  # relative squared error of the linear read-out into the LM's word space
             loss = loss + F.mse_loss(to_words(vis.last_hidden_state[:, 1:]), patch_hints[idx]) / hint_scale

@@ -31,8 +31,13 @@ VOCAB_ROWS = 151936  # Qwen3-0.6B's embedding rows (the tokenizer uses the first
 
 
 def mini_llm_config(hidden: int = 64, layers: int = 4) -> Qwen3Config:
+    # initializer_range 0.1 (~0.8/sqrt(hidden)) instead of Qwen's 0.02, which is sized for width 1024: at width 64
+    # the 0.02 start leaves attention uniform for hundreds of steps, and reading *which* object sits *where* in
+    # the image block (attention that depends on the position words just written) appears only much later.
+    # Measured with perfect hints: caption accuracy 0.05 vs 0.30 after 100 steps, 0.93 after 600 (batch 24).
     return Qwen3Config(
-        vocab_size=VOCAB_ROWS, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        vocab_size=VOCAB_ROWS, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        initializer_range=0.1,
         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=1024,
         rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
         bos_token_id=None, eos_token_id=151645, pad_token_id=151643,
@@ -174,7 +179,7 @@ def _pad_batch(samples, pad_id):
     return ids, labels, mask, has_image, color, shape, cell
 
 
-def train_llm(tokenizer, scenes: list[Scene], *, steps: int = 400, batch: int = 32, lr: float = 3e-3,
+def train_llm(tokenizer, scenes: list[Scene], *, steps: int = 600, batch: int = 24, lr: float = 3e-3,
               hidden: int = 64, layers: int = 4, seed: int = 0, log=print) -> Qwen3ForCausalLM:
     torch.manual_seed(seed)
     samples = encode_corpus(tokenizer, scenes, seed)
@@ -196,7 +201,7 @@ def train_llm(tokenizer, scenes: list[Scene], *, steps: int = 400, batch: int = 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if (step + 1) % 50 == 0 or step == 0:
+        if (step + 1) % 100 == 0 or step == 0:
             log(f"  LLM 第 {step + 1}/{steps} 步  损失 {loss.item():.3f}  已用 {time.time() - start:.0f}s")
     lm.eval()
     return lm.export()
