@@ -8,11 +8,7 @@
 # Same conventions as gpu_session.sh: no tokenizer, no modelscope/dashscope on the GPU machine; results under $OUT
 # (generate.json, generate.log, summary.txt). Expected wall time: 70-100 s including imports (generate.py stops
 # starting diagnostics at --budget-s; the hard limit below is 140 s). Exit status: generate.py's (0 = checks passed).
-set -u
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT="${OUT:-/tmp/llava_bench_out}"
-mkdir -p "$OUT"
+source "$(dirname "$0")/gpu_env.sh"
 
 echo "== card"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv || true

@@ -10,11 +10,7 @@
 # whole script under 8 minutes. Results come back under $OUT: generate.json, train_step.json, both logs and
 # summary.txt. Exit status: 0 when every check passed (same loss; decode: identical greedy tokens in fp32,
 # bf16 agreement; see benchmarks/generate.py). The decode benchmark alone: benchmarks/gpu_generate_only.sh.
-set -u
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT="${OUT:-/tmp/llava_bench_out}"
-mkdir -p "$OUT"
+source "$(dirname "$0")/gpu_env.sh"
 
 echo "== card"
 nvidia-smi -L || true

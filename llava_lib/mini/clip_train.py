@@ -76,9 +76,13 @@ def scene_code(scene: Scene, dim: int = 64) -> np.ndarray:
     return out / np.linalg.norm(out)
 
 
-def _code_loss(emb: torch.Tensor, batch_scenes) -> torch.Tensor:
-    """Squared distance between unit embeddings and the scenes' codes (0 when they coincide)."""
-    codes = torch.from_numpy(np.stack([scene_code(s, emb.shape[-1]) for s in batch_scenes]))
+def scene_codes(scenes, dim: int = 64) -> torch.Tensor:
+    """``[N, dim]``: :func:`scene_code` of each scene."""
+    return torch.from_numpy(np.stack([scene_code(s, dim) for s in scenes]))
+
+
+def _code_loss(emb: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Squared distance between unit embeddings and their scenes' codes (0 when they coincide)."""
     return (emb - codes).pow(2).sum(-1).mean()
 
 
@@ -181,14 +185,14 @@ def train_clip(images: torch.Tensor, scenes: list[Scene], tokenizer, *, steps: i
     start = time.time()
     model.train()
 
-    def text_losses(batch_scenes):
+    def text_losses(batch_scenes, codes):
         ids, mask = _text_batch(tokenizer, [s.caption for s in batch_scenes])
         out = model.text_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         layout = torch.from_numpy(np.stack([cell_targets(s) for s in batch_scenes]))
         tok = txt_heads.token_loss(out.hidden_states[-2], _char_targets_batch(batch_scenes, ids))
         cls = out.last_hidden_state[:, 0]
         txt_emb = F.normalize(model.text_projection(cls), dim=-1)
-        return txt_emb, tok, txt_heads.layout_loss(cls, layout) + _code_loss(txt_emb, batch_scenes)
+        return txt_emb, tok, txt_heads.layout_loss(cls, layout) + _code_loss(txt_emb, codes)
 
     # Phase 1: the text tower alone.
     text_scenes = text_scenes or scenes
@@ -198,7 +202,8 @@ def train_clip(images: torch.Tensor, scenes: list[Scene], tokenizer, *, steps: i
         for group in opt.param_groups:
             group["lr"] = _lr(lr, step, text_steps)
         idx = torch.randperm(len(text_scenes), generator=g)[:batch].tolist()
-        _, tok, layout = text_losses([text_scenes[i] for i in idx])
+        batch_scenes = [text_scenes[i] for i in idx]
+        _, tok, layout = text_losses(batch_scenes, scene_codes(batch_scenes, model.config.projection_dim))
         opt.zero_grad(set_to_none=True)
         (tok + layout).backward()
         opt.step()
@@ -209,6 +214,7 @@ def train_clip(images: torch.Tensor, scenes: list[Scene], tokenizer, *, steps: i
     # Phase 2: both towers.
     targets = torch.from_numpy(np.stack([patch_targets(s) for s in scenes])).transpose(0, 1)  # [2,N,196]
     layouts = torch.from_numpy(np.stack([cell_targets(s) for s in scenes]))                   # [N,2,cells]
+    codes = scene_codes(scenes, model.config.projection_dim)                                   # [N,dim]
     captions = [s.caption for s in scenes]
     params = [p for m in (model, vis_heads, txt_heads, to_words) if m is not None for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -220,7 +226,7 @@ def train_clip(images: torch.Tensor, scenes: list[Scene], tokenizer, *, steps: i
         vis = model.vision_model(pixel_values=normalize_uint8(images[idx]), output_hidden_states=True)
         img_emb = F.normalize(model.visual_projection(vis.pooler_output), dim=-1)
         batch_scenes = [scenes[i] for i in idx.tolist()]
-        txt_emb, char_loss, text_layout = text_losses(batch_scenes)
+        txt_emb, char_loss, text_layout = text_losses(batch_scenes, codes[idx])
         logits = model.logit_scale.exp().clamp(max=100) * txt_emb @ img_emb.T
         # Same caption twice in a batch: both images count as right answers.
         same = torch.tensor([[captions[i] == captions[j] for j in idx.tolist()] for i in idx.tolist()],
@@ -231,7 +237,7 @@ def train_clip(images: torch.Tensor, scenes: list[Scene], tokenizer, *, steps: i
         # Both the last layer (what Stage 1 reads) and the one before (what [CLS] gathers) say what each patch shows.
         patch_loss = (vis_heads.token_loss(vis.hidden_states[-2][:, 1:], targets[:, idx])
                       + vis_heads.token_loss(vis.last_hidden_state[:, 1:], targets[:, idx]))
-        image_layout = vis_heads.layout_loss(vis.pooler_output, layouts[idx]) + _code_loss(img_emb, batch_scenes)
+        image_layout = vis_heads.layout_loss(vis.pooler_output, layouts[idx]) + _code_loss(img_emb, codes[idx])
         loss = clip_loss + patch_loss + image_layout + char_loss + text_layout
         if to_words is not None:  # relative squared error of the linear read-out into the LM's word space
             loss = loss + F.mse_loss(to_words(vis.last_hidden_state[:, 1:]), patch_hints[idx]) / hint_scale
