@@ -25,7 +25,7 @@ from ..model.checkpoint import atomic_write_json
 from ..process import encode_conversation
 from . import scenes as sc
 
-BUILD_VERSION = 6  # bump when the builder's output changes, so old caches are rebuilt
+BUILD_VERSION = 7  # bump when the builder's output changes, so old caches are rebuilt
 MINI_URL_BASE = "http://127.0.0.1:18765/"
 CLIP_GALLERY = 10    # text -> image top-1 is measured within galleries of 10 held-out images (chance: 0.1)
 TOP1_MIN = 0.9        # the build is good when CLIP retrieval top-1 reaches this ...
@@ -41,9 +41,10 @@ class BuildSpec:
     n_lm_scenes: int = 8000
     train_shards: int = 4
     clip_text_steps: int = 300
-    clip_steps: int = 300
-    clip_batch: int = 32
-    llm_steps: int = 600
+    clip_vision_steps: int = 1000  # the image side alone first (see clip_train.train_clip) ...
+    clip_steps: int = 200          # ... then both towers
+    clip_batch: int = 16
+    llm_steps: int = 800
     llm_batch: int = 24
     version: int = BUILD_VERSION
 
@@ -168,20 +169,20 @@ def _build_steps(root: Path, spec: BuildSpec, t0: float) -> dict:
     qwen_tok.save_pretrained(root / "llm")
     timings["llm"] = time.time() - t0 - sum(timings.values())
 
-    _log(f"4/6 训练迷你 Chinese-CLIP（{spec.clip_steps} 步）...")
+    _log(f"4/6 训练迷你 Chinese-CLIP（{spec.clip_vision_steps + spec.clip_steps} 步）...")
     from .clip_train import train_clip
     from transformers import ChineseCLIPProcessor
     try:  # the PIL backend needs no torchvision (transformers 5.2x); older releases have only the one class
         from transformers import ChineseCLIPImageProcessorPil as ChineseCLIPImageProcessor
     except ImportError:
         from transformers import ChineseCLIPImageProcessor
-    from .lm_train import hint_vectors, patch_hints
-    words = hint_vectors(llm, qwen_tok)
-    hints = torch.stack([patch_hints(s, *words) for s in train])
-    clip = train_clip(load_images(root, "train", spec.n_train), train, bert_tok, steps=spec.clip_steps,
-                      patch_hints=hints,
-                      text_steps=spec.clip_text_steps, text_scenes=sc.make_scenes(spec.n_lm_scenes, spec.seed + 3),
-                      batch=spec.clip_batch, seed=spec.seed, log=_log)
+    from .lm_train import hint_vectors
+    # CLIP sees its own scenes, never the Stage 1 train/eval images (a real CLIP never saw SA-1B captions either).
+    clip_scenes = sc.make_scenes((spec.clip_vision_steps + spec.clip_steps) * spec.clip_batch, spec.seed + 4)
+    clip = train_clip(clip_scenes, bert_tok, vision_steps=spec.clip_vision_steps, steps=spec.clip_steps,
+                      batch=spec.clip_batch,
+                      hint_words=hint_vectors(llm, qwen_tok), text_steps=spec.clip_text_steps,
+                      text_scenes=sc.make_scenes(spec.n_lm_scenes, spec.seed + 3), seed=spec.seed, log=_log)
     clip.save_pretrained(root / "clip")
     image_processor = ChineseCLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     ChineseCLIPProcessor(image_processor=image_processor, tokenizer=bert_tok).save_pretrained(root / "clip")

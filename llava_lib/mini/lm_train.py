@@ -8,9 +8,17 @@ Two tricks keep it cheap on two CPU cores and make Stage 1 meaningful:
    training loss below is therefore the exact full-vocabulary cross-entropy, at a fraction of the cost.
 2. **Reading word embeddings in the image block.** During pretraining the 197 ``<|image_pad|>`` slots of an image
    turn hold *word embeddings* laid out like the image: a patch in the top left covered by a red star holds
-   ``emb(红色) + emb(星) + emb(左) + emb(上方)``, the other slots hold ``emb(<|image_pad|>)`` (plus noise). The LM thus learns to read
+   ``emb(红色) + emb(星) + emb(左) + emb(上方)`` (the shape word only where the patch shows the outline:
+   ``scenes.outline_patches``), the other slots hold ``emb(<|image_pad|>)`` (plus noise). The LM thus learns to read
    a picture made of words, as a real LLM reads its context. It never sees CLIP features: Stage 1 must learn a
    projection that turns CLIP's patch features into such word embeddings — LLaVA's alignment, in miniature.
+3. **Voting over an object's patches.** The mini ViT gets most, not all, outline patches' shape right (~0.97
+   with a least-squares read-out). So during pretraining each slot's *shape* word is replaced by a random shape
+   with probability ``SHAPE_NOISE``: the LM learns to go with the shape most of the object's patches agree on, as
+   a real LLM reads past noisy visual tokens. Not more: the harder the vote, the slower the LM learns to read at
+   all. Measured (600 steps; greedy captions of 100 held-out scenes, exact image words): noise 0.4 -> 0.78,
+   0.15 -> 0.88, 0 -> 0.89; through a least-squares map from the mini CLIP's features: 0.15 -> 0.69, 0 -> 0.73.
+   (With shape words on every patch, before they were limited to outlines, noise 0.4 had been the better one.)
 """
 from __future__ import annotations
 
@@ -25,9 +33,10 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from ..process import IGNORE_INDEX, IMAGE_PAD_ID, encode_conversation, num_image_tokens
 from .corpus import conversation
-from .scenes import COLORS, POSITIONS, SHAPES, Scene, patch_owner
+from .scenes import COLORS, POSITIONS, SHAPES, Scene, outline_patches, patch_owner
 
 VOCAB_ROWS = 151936  # Qwen3-0.6B's embedding rows (the tokenizer uses the first 151,669)
+SHAPE_NOISE = 0.1    # chance that a slot's shape word is replaced by a random shape during pretraining
 
 
 def mini_llm_config(hidden: int = 64, layers: int = 4) -> Qwen3Config:
@@ -87,10 +96,10 @@ def encode_corpus(tokenizer, scenes: list[Scene], seed: int, max_len: int = 320)
         slot_shape = np.full(n_img, -1, dtype=np.int64)
         slot_cell = np.full(n_img, -1, dtype=np.int64)
         if with_image:
-            owner = patch_owner(scene)
+            owner, outline = patch_owner(scene), outline_patches(scene)
             for i, o in enumerate(scene.objects):
                 slot_color[1:][owner == i] = color_names.index(o.color)
-                slot_shape[1:][owner == i] = shape_names.index(o.shape)
+                slot_shape[1:][(owner == i) & outline] = shape_names.index(o.shape)  # -1 inside: no shape word
                 slot_cell[1:][owner == i] = o.cell
         samples.append((ids[:max_len], labels[:max_len], with_image, slot_color, slot_shape, slot_cell))
     return samples
@@ -117,26 +126,34 @@ class HintedLM(nn.Module):
         self.log_unused = math.log(VOCAB_ROWS - len(vocab))
 
     def hints(self, slot_color: torch.Tensor, slot_shape: torch.Tensor, slot_cell: torch.Tensor, noise: float,
-              drop: float) -> torch.Tensor:
-        """``[B,197]`` object words per slot (-1 = background) -> ``[B,197,H]`` slot embeddings."""
+              drop: float, shape_noise: float = 0.0) -> torch.Tensor:
+        """``[B,197]`` object words per slot -> ``[B,197,H]`` slot embeddings.
+
+        ``slot_color`` -1 = background; ``slot_shape`` -1 on an object's slot = no shape word (an interior patch).
+        """
+        if shape_noise > 0:  # see the module doc, point 3
+            flip = (torch.rand(slot_shape.shape) < shape_noise) & (slot_shape >= 0)
+            slot_shape = torch.where(flip, torch.randint_like(slot_shape, len(SHAPES)), slot_shape)
         colors = self.table[self.color_rows]
         shapes = self.table[self.shape_rows]
         is_obj = slot_color >= 0
         if drop > 0:
             is_obj = is_obj & (torch.rand(is_obj.shape) >= drop)
         cells = self.position_sum @ self.table
-        obj = colors[slot_color.clamp(min=0)] + shapes[slot_shape.clamp(min=0)] + cells[slot_cell.clamp(min=0)]
+        shape_words = torch.where((slot_shape >= 0).unsqueeze(-1), shapes[slot_shape.clamp(min=0)], 0.0)
+        obj = colors[slot_color.clamp(min=0)] + shape_words + cells[slot_cell.clamp(min=0)]
         out = torch.where(is_obj.unsqueeze(-1), obj, self.table[self.pad_row].expand_as(obj))
         if noise > 0:
             out = out + noise * self.table.detach().std() * torch.randn_like(out)
         return out
 
-    def loss(self, ids, labels, attention_mask, has_image, slot_color, slot_shape, slot_cell, noise=0.3, drop=0.1):
+    def loss(self, ids, labels, attention_mask, has_image, slot_color, slot_shape, slot_cell, noise=0.3, drop=0.1,
+             shape_noise=SHAPE_NOISE):
         embeds = self.table[self.vocab.compact(ids)]
         img_rows = has_image.nonzero().flatten()
         if len(img_rows):
             slots = ids[img_rows] == IMAGE_PAD_ID
-            h = self.hints(slot_color[img_rows], slot_shape[img_rows], slot_cell[img_rows], noise, drop)
+            h = self.hints(slot_color[img_rows], slot_shape[img_rows], slot_cell[img_rows], noise, drop, shape_noise)
             sub = embeds[img_rows]
             sub[slots] = h.reshape(-1, h.shape[-1])
             embeds = embeds.index_copy(0, img_rows, sub)
@@ -223,9 +240,11 @@ def patch_hints(scene: Scene, colors: torch.Tensor, shapes: torch.Tensor, positi
                 filler: torch.Tensor) -> torch.Tensor:
     """``[196, H]``: the hint the LM expects at each patch of ``scene`` (object words, or the filler)."""
     owner = torch.from_numpy(patch_owner(scene))
+    outline = torch.from_numpy(outline_patches(scene))
     out = filler.expand(owner.shape[0], -1).clone()
     for i, o in enumerate(scene.objects):
-        out[owner == i] = (colors[list(COLORS).index(o.color)] + shapes[list(SHAPES).index(o.shape)]
-                           + positions[o.cell])
+        base = colors[list(COLORS).index(o.color)] + positions[o.cell]
+        out[owner == i] = base
+        out[(owner == i) & outline] = base + shapes[list(SHAPES).index(o.shape)]
     return out
 
