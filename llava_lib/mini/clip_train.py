@@ -21,7 +21,7 @@ from transformers import ChineseCLIPConfig, ChineseCLIPModel
 
 from ..process import CLIP_MEAN, CLIP_STD
 from .lm_train import patch_hints
-from .scenes import COLORS, GRID, SHAPES, Scene, outline_patches, patch_owner, render
+from .scenes import COLORS, GRID, SHAPES, Scene, patch_layout, render
 
 COLOR_INDEX = {c: i for i, c in enumerate(COLORS)}
 SHAPE_INDEX = {s: i for i, s in enumerate(SHAPES)}
@@ -114,7 +114,7 @@ def patch_targets(scene: Scene) -> np.ndarray:
     Knowing its own cell (from the position embedding) lets a patch token say "red circle, top left"; the last
     layer's [CLS] attention, which starts as a near-uniform average, then reads the scene's layout linearly.
     """
-    owner, outline = patch_owner(scene), outline_patches(scene)
+    owner, outline = patch_layout(scene)
     out = np.zeros((2, owner.shape[0]), dtype=np.int64)
     for i, o in enumerate(scene.objects):
         color, shape = object_codes(o)

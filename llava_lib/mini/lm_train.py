@@ -33,7 +33,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from ..process import IGNORE_INDEX, IMAGE_PAD_ID, encode_conversation, num_image_tokens
 from .corpus import conversation
-from .scenes import COLORS, POSITIONS, SHAPES, Scene, outline_patches, patch_owner
+from .scenes import COLORS, POSITIONS, SHAPES, Scene, patch_layout
 
 VOCAB_ROWS = 151936  # Qwen3-0.6B's embedding rows (the tokenizer uses the first 151,669)
 SHAPE_NOISE = 0.1    # chance that a slot's shape word is replaced by a random shape during pretraining
@@ -96,7 +96,7 @@ def encode_corpus(tokenizer, scenes: list[Scene], seed: int, max_len: int = 320)
         slot_shape = np.full(n_img, -1, dtype=np.int64)
         slot_cell = np.full(n_img, -1, dtype=np.int64)
         if with_image:
-            owner, outline = patch_owner(scene), outline_patches(scene)
+            owner, outline = patch_layout(scene)
             for i, o in enumerate(scene.objects):
                 slot_color[1:][owner == i] = color_names.index(o.color)
                 slot_shape[1:][(owner == i) & outline] = shape_names.index(o.shape)  # -1 inside: no shape word
@@ -239,8 +239,7 @@ def hint_vectors(llm: Qwen3ForCausalLM, tokenizer):
 def patch_hints(scene: Scene, colors: torch.Tensor, shapes: torch.Tensor, positions: torch.Tensor,
                 filler: torch.Tensor) -> torch.Tensor:
     """``[196, H]``: the hint the LM expects at each patch of ``scene`` (object words, or the filler)."""
-    owner = torch.from_numpy(patch_owner(scene))
-    outline = torch.from_numpy(outline_patches(scene))
+    owner, outline = (torch.from_numpy(a) for a in patch_layout(scene))
     out = filler.expand(owner.shape[0], -1).clone()
     for i, o in enumerate(scene.objects):
         base = colors[list(COLORS).index(o.color)] + positions[o.cell]

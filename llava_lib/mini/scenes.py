@@ -147,15 +147,22 @@ def _patch_fractions(scene: Scene) -> np.ndarray:
     return np.stack([(blocks == i + 1).mean(axis=1) for i in range(len(scene.objects))])
 
 
+def patch_layout(scene: Scene, min_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`patch_owner` and :func:`outline_patches` of ``scene`` from one rendering of its mask."""
+    fractions = _patch_fractions(scene)
+    owner = np.full((IMAGE_SIZE // PATCH) ** 2, -1, dtype=np.int64)
+    for i, frac in enumerate(fractions):
+        owner[frac >= min_fraction] = i
+    full = (fractions >= INTERIOR_FRACTION).any(axis=0) if len(fractions) else np.zeros(owner.shape, bool)
+    return owner, (owner >= 0) & ~full
+
+
 def patch_owner(scene: Scene, min_fraction: float = 0.25) -> np.ndarray:
     """For each of the 14x14 patches (row-major), the index of the object covering it, or -1.
 
     A patch belongs to an object when at least ``min_fraction`` of its pixels are that object's.
     """
-    owner = np.full((IMAGE_SIZE // PATCH) ** 2, -1, dtype=np.int64)
-    for i, frac in enumerate(_patch_fractions(scene)):
-        owner[frac >= min_fraction] = i
-    return owner
+    return patch_layout(scene, min_fraction)[0]
 
 
 INTERIOR_FRACTION = 0.98  # a patch this full of one object shows no outline
@@ -168,6 +175,4 @@ def outline_patches(scene: Scene) -> np.ndarray:
     circle and a square (measured with a small per-patch classifier on pixels: ~0.89 of outline patches right,
     0.44 of interior ones, chance 0.2). So the mini world's image words carry the shape only at outline patches.
     """
-    owner = patch_owner(scene)
-    full = (_patch_fractions(scene) >= INTERIOR_FRACTION).any(axis=0) if scene.objects else np.zeros_like(owner, bool)
-    return (owner >= 0) & ~full
+    return patch_layout(scene)[1]
