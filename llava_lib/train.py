@@ -32,8 +32,10 @@ from .model.checkpoint import atomic_write_json, save_projection
 PROFILE_DEFAULTS = {
     # The course's real run: first 100,000 samples, batch 16, lr 2e-3, cosine with 3% warmup.
     "full": dict(),
-    # The mini world: small enough for two CPU cores, long enough to really learn.
-    "mini": dict(limit=None, epochs=10, max_steps=500, batch_size=16, lr=3e-3, eval_every=250, save_every=250,
+    # The mini world: small enough for two CPU cores, long enough to really learn. lr 1e-2, not 2e-3: a small
+    # 64 -> 64 projection and a short run (measured on one build, 500 steps: caption accuracy 0.77 at lr 3e-3,
+    # 0.88 at 1e-2, no better at 2e-2; on the final v8 build, lr 1e-2: 0.82 after 500 steps, 0.98 after 1,000).
+    "mini": dict(limit=None, epochs=10, max_steps=1000, batch_size=16, lr=1e-2, eval_every=250, save_every=250,
                  caption_eval_n=100, eval_limit=200, num_workers=0),
 }
 

@@ -98,3 +98,41 @@ def test_lm_image_words_name_the_shape_only_on_outline_patches(qwen_tokenizer):
         assert ((shape[1:] >= 0) == outline).all()
         assert ((cell[1:] >= 0) == (owner >= 0)).all()
     assert seen >= 3
+
+
+def test_clip_word_targets_give_exactly_what_the_lm_reads(qwen_tokenizer):
+    """The CLIP's read-out head regresses ``scenes.patch_words`` (no LM needed, so the two train in parallel);
+    that is only sound if those rows times the LM's image-word matrix are exactly the LM's slot embeddings."""
+    from llava_lib.mini.lm_train import HintedLM, UsedVocab, encode_corpus, image_word_matrix, patch_hints, word_ids
+    used = set(qwen_tokenizer.all_special_ids)
+    used |= {t for w in list(sc.COLORS) + list(sc.SHAPES) + list(sc.POSITIONS) for t in word_ids(qwen_tokenizer, w)}
+    torch.manual_seed(0)
+    lm = HintedLM(qwen_tokenizer, UsedVocab(used), hidden=16, layers=1)
+    words = image_word_matrix(lm.export(), qwen_tokenizer)
+    assert words.shape == (len(sc.IMAGE_WORDS), 16)
+    scenes = sc.make_scenes(40, 8)
+    checked = 0
+    for scene, (_, _, with_image, color, shape, cell) in zip(scenes, encode_corpus(qwen_tokenizer, scenes, seed=1)):
+        if not with_image:
+            continue
+        read = lm.hints(torch.from_numpy(color)[None], torch.from_numpy(shape)[None], torch.from_numpy(cell)[None],
+                        noise=0.0, drop=0.0)[0, 1:]
+        assert torch.allclose(patch_hints(scene, words), read, atol=1e-5)
+        rows = sc.patch_words(scene)
+        owner, outline = sc.patch_layout(scene)
+        assert (rows[owner < 0] == np.eye(len(sc.IMAGE_WORDS))[-1]).all()       # background: the filler only
+        assert (rows[owner >= 0].sum(1) == 2 + outline[owner >= 0]).all()       # colour + position (+ shape)
+        checked += 1
+    assert checked >= 10
+
+
+def test_lm_build_process_failure_names_the_cause_and_the_command(tmp_path):
+    """The LM trains in a child process during the build; when it dies, the build says why and what to run."""
+    import importlib
+    build = importlib.import_module("llava_lib.mini.build")
+    proc = build._LLMProcess(tmp_path / "no-such-world", build.BuildSpec())  # no tokenizer there: the child fails
+    with pytest.raises(RuntimeError) as err:
+        proc.wait()
+    msg = str(err.value)
+    assert "迷你 Qwen3 的训练进程失败" in msg and "python -m llava_lib.mini build" in msg
+    assert "no-such-world" in msg  # the child's own error (the missing tokenizer directory) is passed on

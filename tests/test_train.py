@@ -22,24 +22,23 @@ def quick(tmp_path, **kw) -> TrainConfig:
 
 
 def test_short_run_learns(mini_world, tmp_path):
-    cfg = quick(tmp_path, max_steps=120, lr=3e-3, caption_eval_n=25, caption_show_n=2, eval_every=60,
-                batch_size=16)
+    cfg = quick(tmp_path, max_steps=250, caption_eval_n=25, caption_show_n=2, eval_every=125, batch_size=16)
     result = train(cfg)
     m = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("eval_loss_before", "eval_loss_after", "caption_accuracy_before", "caption_accuracy_after",
                 "train_samples_per_s", "steps"):
         assert key in m, key
-    assert m["steps"] == 120
-    # The projection learns: held-out loss falls clearly from the random projection's.
-    assert m["eval_loss_after"] < 0.75 * m["eval_loss_before"], m
-    # An untrained projection cannot caption. (The >= 80% caption accuracy the course wants after training is not
-    # reached by the mini world yet — see issue 5's note — so no assertion claims it.)
+    assert m["steps"] == 250
+    # The projection learns: held-out loss falls clearly from the random projection's ...
+    assert m["eval_loss_after"] < 0.5 * m["eval_loss_before"], m
+    # ... and captions go from wrong to mostly right (colour and shape of every object, 25 held-out images).
+    # A quarter of the mini profile's 1,000 steps; the full run's >= 80% is measured by `bash run.sh`.
     assert m["caption_accuracy_before"] < 0.2, m
-    assert 0.0 <= m["caption_accuracy_after"] <= 1.0
+    assert m["caption_accuracy_after"] >= m["caption_accuracy_before"] + 0.3, m
     # TensorBoard scalars and caption text are written, and read back for plotting.
     scalars = read_scalars(tmp_path / "tensorboard")
     assert len(scalars["train/loss"]) >= 10 and "eval/loss" in scalars
-    assert result.history[-1]["step"] == 120
+    assert result.history[-1]["step"] == 250
     assert (tmp_path / "final" / "projection.safetensors").exists()
 
 

@@ -25,7 +25,7 @@ from ..model.checkpoint import atomic_write_json
 from ..process import encode_conversation
 from . import scenes as sc
 
-BUILD_VERSION = 7  # bump when the builder's output changes, so old caches are rebuilt
+BUILD_VERSION = 8  # bump when the builder's output changes, so old caches are rebuilt
 MINI_URL_BASE = "http://127.0.0.1:18765/"
 CLIP_GALLERY = 10    # text -> image top-1 is measured within galleries of 10 held-out images (chance: 0.1)
 TOP1_MIN = 0.9        # the build is good when CLIP retrieval top-1 reaches this ...
@@ -127,15 +127,68 @@ def _build_locked(root: Path, spec: BuildSpec, force: bool) -> dict:
         _log(f"迷你世界已存在，直接复用：{root}")
         return json.loads((root / "build.json").read_text(encoding="utf-8"))
     t0 = time.time()
-    # A fixed thread count (2 by default, the course's smallest machine): the same floating-point order on every
-    # run, so the same seed gives the same weights and check numbers. LLAVA_BUILD_THREADS=1 on a busy machine,
-    # where oversubscribed BLAS threads only spin.
+    # One thread in each of the two training processes (the course's smallest machine has two cores): the same
+    # floating-point order on every run, so the same seed gives the same weights and check numbers.
     threads = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("LLAVA_BUILD_THREADS") or 2))
+    torch.set_num_threads(1)
     try:
         return _build_steps(root, spec, t0)
     finally:
         torch.set_num_threads(threads)
+
+
+def _train_llm_worker(root: str, spec_json: str) -> None:
+    """Step 3 in its own process (started by :class:`_LLMProcess`): train and save the mini Qwen3."""
+    from transformers import AutoTokenizer
+    root, spec = Path(root), BuildSpec(**json.loads(spec_json))
+    from .lm_train import train_llm
+    torch.set_num_threads(1)
+    qwen_tok = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    lm_scenes = sc.make_scenes(spec.n_lm_scenes, spec.seed + 2)
+    llm = train_llm(qwen_tok, lm_scenes, steps=spec.llm_steps, batch=spec.llm_batch, seed=spec.seed, log=_log)
+    llm.generation_config.eos_token_id = [qwen_tok.convert_tokens_to_ids("<|im_end|>"), qwen_tok.pad_token_id]
+    llm.generation_config.pad_token_id = qwen_tok.pad_token_id
+    llm.save_pretrained(root / "llm")
+    qwen_tok.save_pretrained(root / "llm")
+
+
+class _LLMProcess:
+    """The LM's training in a child process, its log lines passed through to ours (a terminal or a notebook)."""
+
+    def __init__(self, root: Path, spec: BuildSpec):
+        import subprocess
+        import sys
+        import threading
+        package_parent = str(Path(__file__).resolve().parents[2])  # importable even when not pip-installed
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from llava_lib.mini.build import _train_llm_worker as w; w(*sys.argv[1:])",
+             str(root), json.dumps(asdict(spec))],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", env=env)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._pump, daemon=True)
+        self.reader.start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            if line.startswith("[mini]"):
+                print(line, flush=True)
+
+    def wait(self) -> None:
+        code = self.proc.wait()
+        self.reader.join()
+        if code != 0:
+            tail = "\n".join(self.lines[-30:])
+            raise RuntimeError(f"迷你 Qwen3 的训练进程失败（退出码 {code}）。它最后的输出：\n{tail}\n"
+                               f"修复后请重新运行：{config.BUILD_MINI_CMD}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _build_steps(root: Path, spec: BuildSpec, t0: float) -> dict:
@@ -159,34 +212,32 @@ def _build_steps(root: Path, spec: BuildSpec, t0: float) -> dict:
     bert_tok = build_bert_tokenizer(captions + [c for s in train for c in sc.local_captions(s)], root / "clip")
     timings["tokenizers"] = time.time() - t0 - sum(timings.values())
 
-    _log(f"3/6 训练迷你 Qwen3（{spec.llm_steps} 步）...")
-    from .lm_train import train_llm
-    lm_scenes = sc.make_scenes(spec.n_lm_scenes, spec.seed + 2)
-    llm = train_llm(qwen_tok, lm_scenes, steps=spec.llm_steps, batch=spec.llm_batch, seed=spec.seed, log=_log)
-    llm.generation_config.eos_token_id = [qwen_tok.convert_tokens_to_ids("<|im_end|>"), qwen_tok.pad_token_id]
-    llm.generation_config.pad_token_id = qwen_tok.pad_token_id
-    llm.save_pretrained(root / "llm")
-    qwen_tok.save_pretrained(root / "llm")
-    timings["llm"] = time.time() - t0 - sum(timings.values())
-
-    _log(f"4/6 训练迷你 Chinese-CLIP（{spec.clip_vision_steps + spec.clip_steps} 步）...")
-    from .clip_train import train_clip
-    from transformers import ChineseCLIPProcessor
-    try:  # the PIL backend needs no torchvision (transformers 5.2x); older releases have only the one class
-        from transformers import ChineseCLIPImageProcessorPil as ChineseCLIPImageProcessor
-    except ImportError:
-        from transformers import ChineseCLIPImageProcessor
-    from .lm_train import hint_vectors
-    # CLIP sees its own scenes, never the Stage 1 train/eval images (a real CLIP never saw SA-1B captions either).
-    clip_scenes = sc.make_scenes((spec.clip_vision_steps + spec.clip_steps) * spec.clip_batch, spec.seed + 4)
-    clip = train_clip(clip_scenes, bert_tok, vision_steps=spec.clip_vision_steps, steps=spec.clip_steps,
-                      batch=spec.clip_batch,
-                      hint_words=hint_vectors(llm, qwen_tok), text_steps=spec.clip_text_steps,
-                      text_scenes=sc.make_scenes(spec.n_lm_scenes, spec.seed + 3), seed=spec.seed, log=_log)
-    clip.save_pretrained(root / "clip")
-    image_processor = ChineseCLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    ChineseCLIPProcessor(image_processor=image_processor, tokenizer=bert_tok).save_pretrained(root / "clip")
-    timings["clip"] = time.time() - t0 - sum(timings.values())
+    # The LM and the CLIP do not need each other (the CLIP's word read-out targets word counts, not the LM's
+    # embeddings: clip_train.train_clip), so they train at the same time, one core each.
+    _log(f"3/6 训练迷你 Qwen3（{spec.llm_steps} 步，在另一个进程里）...")
+    llm_proc = _LLMProcess(root, spec)
+    try:
+        _log(f"4/6 同时训练迷你 Chinese-CLIP（{spec.clip_vision_steps + spec.clip_steps} 步）...")
+        from .clip_train import train_clip
+        from transformers import ChineseCLIPProcessor
+        try:  # the PIL backend needs no torchvision (transformers 5.2x); older releases have only the one class
+            from transformers import ChineseCLIPImageProcessorPil as ChineseCLIPImageProcessor
+        except ImportError:
+            from transformers import ChineseCLIPImageProcessor
+        # CLIP sees its own scenes, never the Stage 1 train/eval images (a real CLIP never saw SA-1B captions).
+        clip_scenes = sc.make_scenes((spec.clip_vision_steps + spec.clip_steps) * spec.clip_batch, spec.seed + 4)
+        clip = train_clip(clip_scenes, bert_tok, vision_steps=spec.clip_vision_steps, steps=spec.clip_steps,
+                          batch=spec.clip_batch, text_steps=spec.clip_text_steps,
+                          text_scenes=sc.make_scenes(spec.n_lm_scenes, spec.seed + 3), seed=spec.seed, log=_log)
+        clip.save_pretrained(root / "clip")
+        image_processor = ChineseCLIPImageProcessor(size={"shortest_edge": 224},
+                                                    crop_size={"height": 224, "width": 224})
+        ChineseCLIPProcessor(image_processor=image_processor, tokenizer=bert_tok).save_pretrained(root / "clip")
+        timings["clip"] = time.time() - t0 - sum(timings.values())
+        llm_proc.wait()
+        timings["llm_wait"] = time.time() - t0 - sum(timings.values())
+    finally:
+        llm_proc.kill()
 
     _log("5/6 用数据管线把图片抓取进缓存（与真实训练相同的代码）...")
     from ..data import prepare_cache
@@ -196,6 +247,7 @@ def _build_steps(root: Path, spec: BuildSpec, t0: float) -> dict:
     timings["cache"] = time.time() - t0 - sum(timings.values())
 
     _log("6/6 检查：CLIP 检索准确率、LLM 对真/乱序描述的损失 ...")
+    torch.set_num_threads(2)  # the check is not training: no reproducibility at stake, both cores help
     metrics = check(root, spec.seed)
     meta = {"spec": asdict(spec), "metrics": metrics, "seconds": round(time.time() - t0, 1),
             "timings": {k: round(v, 1) for k, v in timings.items()},
@@ -251,3 +303,4 @@ def check(root: Path | None = None, seed: int | None = None) -> dict:
         "n_eval": spec_n_eval,
         "ok": bool(top1 >= TOP1_MIN and lt * LOSS_RATIO_MAX < ls),
     }
+

@@ -20,20 +20,21 @@ from torch import nn
 from transformers import ChineseCLIPConfig, ChineseCLIPModel
 
 from ..process import CLIP_MEAN, CLIP_STD
-from .lm_train import patch_hints
-from .scenes import COLORS, GRID, SHAPES, Scene, patch_layout, render
+from .scenes import COLORS, GRID, IMAGE_WORDS, SHAPES, Scene, patch_layout, patch_words, render
 
 COLOR_INDEX = {c: i for i, c in enumerate(COLORS)}
 SHAPE_INDEX = {s: i for i, s in enumerate(SHAPES)}
 
 
 def mini_clip_config(text_vocab_size: int, width: int = 64, layers: int = 4) -> ChineseCLIPConfig:
+    # The vision MLP is 2x the width, not ViT's 4x: measured on the same seed, 17% less time a step and a better
+    # read-out (200-way retrieval 0.945 -> 0.995, least-squares error of the LM's image words 0.030 -> 0.022).
     return ChineseCLIPConfig(
         text_config=dict(vocab_size=text_vocab_size, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                          intermediate_size=256, max_position_embeddings=96, pad_token_id=0,
                          initializer_range=0.1),  # BERT's 0.02 is sized for width 768; at 64 it learns slowly
         vision_config=dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=4,
-                           intermediate_size=4 * width, image_size=224, patch_size=16, projection_dim=64),
+                           intermediate_size=2 * width, image_size=224, patch_size=16, projection_dim=64),
         projection_dim=64,
     )
 
@@ -191,7 +192,7 @@ class _Heads(nn.Module):
 
 def train_clip(scenes: list[Scene], tokenizer, *, vision_steps: int = 1000, steps: int = 200, batch: int = 16,
                text_steps: int = 300, text_batch: int = 32, text_scenes: list[Scene] | None = None,
-               lr: float = 5e-3, seed: int = 0, hint_words: tuple | None = None, log=print) -> ChineseCLIPModel:
+               lr: float = 5e-3, seed: int = 0, read_words: bool = True, log=print) -> ChineseCLIPModel:
     """Three phases with fixed step counts (deterministic for a seed; the time depends on the machine).
 
     1. Text side alone (cheap): per-character object codes + the layout from [CLS].
@@ -204,19 +205,20 @@ def train_clip(scenes: list[Scene], tokenizer, *, vision_steps: int = 1000, step
     so the ViT cannot memorise a small set; give at least ``(vision_steps + steps) * batch`` scenes).
     The per-token probes read the layer before the last, whose tokens the last layer's [CLS] attention gathers.
 
-    ``hint_words`` (optional, :func:`lm_train.hint_vectors` of the mini LM): a throw-away linear head regresses
-    what the LM reads at each patch (``lm_train.patch_hints``) from the last layer's patch tokens, so that *some*
-    linear map from these features to the LM's word space exists, as it does for a real CLIP and a real LLM.
-    Stage 1 still has to find that map from a random start, through the frozen LM's loss; the head is not saved.
+    ``read_words``: a throw-away linear head regresses which image words the mini LM reads at each patch
+    (``scenes.patch_words``) from the last layer's patch tokens, so that *some* linear map from these features to
+    the LM's word space exists, as it does for a real CLIP and a real LLM. It needs no LM (the LM's slot
+    embedding is these word counts times its word embeddings), so the two train at the same time, in two
+    processes. Stage 1 still has to find the map from a random start, through the frozen LM's loss; the head is
+    not saved.
     """
     torch.manual_seed(seed)
     model = ChineseCLIPModel(mini_clip_config(len(tokenizer)))
     init_grid_positions(model.vision_model)
     width = model.config.vision_config.hidden_size
     vis_heads = _Heads(width)
-    to_words = nn.Linear(width, hint_words[0].shape[-1]) if hint_words is not None else None
-    hint_scale = float(torch.stack([patch_hints(s, *hint_words) for s in scenes[:64]]).pow(2).mean()) \
-        if hint_words is not None else 1.0
+    to_words = nn.Linear(width, len(IMAGE_WORDS)) if read_words else None
+    words_scale = float(np.stack([patch_words(s) for s in scenes[:64]]).mean())  # mean square of 0/1 targets
     txt_heads = _Heads(model.config.text_config.hidden_size)
     g = torch.Generator().manual_seed(seed)
     start = time.time()
@@ -279,9 +281,9 @@ def train_clip(scenes: list[Scene], tokenizer, *, vision_steps: int = 1000, step
                       + vis_heads.token_loss(vis.last_hidden_state[:, 1:], targets))
         image_layout = vis_heads.layout_loss(vis.pooler_output, layouts) + _code_loss(img_emb, codes)
         loss = clip_loss + patch_loss + image_layout + char_loss + text_layout
-        if to_words is not None:  # relative squared error of the linear read-out into the LM's word space
-            hints = torch.stack([patch_hints(s, *hint_words) for s in batch_scenes])
-            loss = loss + F.mse_loss(to_words(vis.last_hidden_state[:, 1:]), hints) / hint_scale
+        if to_words is not None:  # relative squared error of the linear read-out of the LM's image words
+            words = torch.from_numpy(np.stack([patch_words(s) for s in batch_scenes]))
+            loss = loss + F.mse_loss(to_words(vis.last_hidden_state[:, 1:]), words) / words_scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

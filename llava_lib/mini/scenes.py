@@ -176,3 +176,25 @@ def outline_patches(scene: Scene) -> np.ndarray:
     0.44 of interior ones, chance 0.2). So the mini world's image words carry the shape only at outline patches.
     """
     return patch_layout(scene)[1]
+
+
+IMAGE_WORDS = (*COLORS, *SHAPES, *POSITIONS, "<filler>")  # what the mini LM reads at a patch (lm_train, point 2)
+
+
+def patch_words(scene: Scene) -> np.ndarray:
+    """``[196, len(IMAGE_WORDS)]`` 0/1: which image words the mini LM reads at each patch.
+
+    An object's patch: its colour and position words, plus its shape word where the patch shows the outline;
+    a background patch: the filler. The LM's slot embedding is this row times the matching word embeddings, so
+    any map that gets these rows right (a linear one included) gets the LM's input right, whatever the LM.
+    """
+    owner, outline = patch_layout(scene)
+    out = np.zeros((owner.shape[0], len(IMAGE_WORDS)), dtype=np.float32)
+    out[owner < 0, -1] = 1.0
+    colors, shapes = list(COLORS), list(SHAPES)
+    for i, o in enumerate(scene.objects):
+        mine = owner == i
+        out[mine, colors.index(o.color)] = 1.0
+        out[mine, len(COLORS) + len(SHAPES) + o.cell] = 1.0
+        out[mine & outline, len(COLORS) + shapes.index(o.shape)] = 1.0
+    return out
