@@ -199,7 +199,9 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
 
 def test_ctrl_c_keeps_fetched_rows(tmp_path):
     """SIGINT (Ctrl-C): the buffered rows are written as a shard, exit code 130, a Chinese note on stderr."""
-    server, src, good, _ = _world(tmp_path, n_good=40, delay=0.04, bad_row=False)
+    # 200 rows at 40 ms each on 2 workers: ~4 s of fetching, so the signal lands mid-run even on a busy machine
+    # (with 40 rows, a CI run under load once finished all of them first and exited 0).
+    server, src, good, _ = _world(tmp_path, n_good=200, delay=0.04, bad_row=False)
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "llava_lib.data", "prepare", "--src", str(src), "--out", str(out),
            "--workers", "2", "--shard-rows", "1000", "--timeout", "0.5", "--no-progress"]

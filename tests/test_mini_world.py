@@ -108,3 +108,18 @@ def test_mini_profile_resolves_to_the_built_world(mini_world):
     root, _ = mini_world
     p = config.resolve("mini")
     assert p.require("clip_path", "llm_path", "data_root", "eval_data_root").llm_path == root / "llm"
+
+
+def test_mini_llm_answers_after_thinking_with_a_system_prompt(mini_world):
+    """What the 01 notebook's chat widget does: a system prompt, thinking on. The mini LM must close its think
+    block and then answer (a v8 build without system prompts in its corpus never closed it: an empty answer)."""
+    from llava_lib.chat import ChatSession
+    from llava_lib.model.loading import build_model
+    model, tok = build_model(config.resolve("mini"), device="cpu")
+    for question in ("请描述一个简单的场景。", "随便想象一张图片，并描述它。"):
+        reply = "".join(ChatSession(model, tok, system="你是一位耐心的中文助教。", enable_thinking=True).stream(question))
+        assert "</think>" in reply, reply
+        answer = reply.split("</think>", 1)[1]
+        assert sc.caption_objects(answer), reply  # a scene with at least one coloured shape
+    reply = "".join(ChatSession(model, tok, system="你是一位耐心的中文助教。", enable_thinking=True).stream("你好"))
+    assert "</think>" in reply and reply.split("</think>", 1)[1].strip(), reply

@@ -10,6 +10,11 @@ CAPTION_PROMPTS = (DEFAULT_PROMPT, DEFAULT_PROMPT, DEFAULT_PROMPT, "这张图片
 TEXT_PROMPTS = ("请描述一个简单的场景。", "随便想象一张图片，并描述它。")
 THINKING = "用户想让我描述一个场景。我先决定物体的数量，再为每个物体选颜色、形状和位置，最后按从左上到右下的顺序说出来。"
 GREETING = ("你好", "你好！我是迷你世界里的小模型，能描述由彩色图形组成的图片。")
+GREETING_THINKING = "用户在打招呼。我简单介绍一下自己能做什么。"
+# A chat widget lets students set a system prompt (01 notebook: "你是一位耐心的中文助教。"); a model that never saw
+# one may lose its way (measured: with thinking on, it then never closed <think>). So some conversations have one.
+SYSTEM_PROMPTS = ("你是一位耐心的中文助教。", "你是一个乐于助人的助手。", "你是迷你世界里的小模型。", "请用简体中文回答。")
+SYSTEM_SHARE = 0.3
 
 
 def question_answer(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
@@ -29,7 +34,15 @@ def question_answer(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
 
 
 def conversation(scene: Scene, rng: np.random.Generator) -> tuple[list[dict], bool]:
-    """A training conversation about ``scene``; the bool says whether it shows the image."""
+    """A training conversation about ``scene``; the bool says whether it shows the image (sometimes after a
+    system prompt)."""
+    turns, with_image = _turns(scene, rng)
+    if rng.random() < SYSTEM_SHARE:
+        turns = [{"role": "system", "content": SYSTEM_PROMPTS[int(rng.integers(len(SYSTEM_PROMPTS)))]}] + turns
+    return turns, with_image
+
+
+def _turns(scene: Scene, rng: np.random.Generator) -> tuple[list[dict], bool]:
     r = rng.random()
     if r < 0.55:  # caption, as in Stage 1
         prompt = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
@@ -48,4 +61,5 @@ def conversation(scene: Scene, rng: np.random.Generator) -> tuple[list[dict], bo
         if rng.random() < 0.5:
             answer = f"<think>\n{THINKING}\n</think>\n\n{answer}"
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], False
-    return [{"role": "user", "content": GREETING[0]}, {"role": "assistant", "content": GREETING[1]}], False
+    answer = GREETING[1] if rng.random() < 0.5 else f"<think>\n{GREETING_THINKING}\n</think>\n\n{GREETING[1]}"
+    return [{"role": "user", "content": GREETING[0]}, {"role": "assistant", "content": answer}], False
