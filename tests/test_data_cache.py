@@ -199,15 +199,17 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
 
 def test_ctrl_c_keeps_fetched_rows(tmp_path):
     """SIGINT (Ctrl-C): the buffered rows are written as a shard, exit code 130, a Chinese note on stderr."""
-    # 200 rows at 40 ms each on 2 workers: ~4 s of fetching, so the signal lands mid-run even on a busy machine
-    # (with 40 rows, a CI run under load once finished all of them first and exited 0).
+    # 200 rows at 40 ms each on 2 workers: ~4 s of fetching, so the signal lands mid-run on a slow machine too.
     server, src, good, _ = _world(tmp_path, n_good=200, delay=0.04, bad_row=False)
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "llava_lib.data", "prepare", "--src", str(src), "--out", str(out),
            "--workers", "2", "--shard-rows", "1000", "--timeout", "0.5", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Ctrl-C in a terminal: SIGINT at its default. A test run started in the background (`cmd &` in a script)
+        # inherits SIGINT *ignored*, and Python then never raises KeyboardInterrupt; the child runs to the end, exit 0.
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 30
         while sum(server.hits.values()) < 6 and time.monotonic() < deadline:
             time.sleep(0.005)
