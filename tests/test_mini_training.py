@@ -130,9 +130,33 @@ def test_lm_build_process_failure_names_the_cause_and_the_command(tmp_path):
     """The LM trains in a child process during the build; when it dies, the build says why and what to run."""
     import importlib
     build = importlib.import_module("llava_lib.mini.build")
-    proc = build._LLMProcess(tmp_path / "no-such-world", build.BuildSpec())  # no tokenizer there: the child fails
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    proc = build._LLMProcess(blocker, build.BuildSpec())  # the child cannot write its tokenizer under a file
     with pytest.raises(RuntimeError) as err:
         proc.wait()
     msg = str(err.value)
     assert "迷你 Qwen3 的训练进程失败" in msg and "python -m llava_lib.mini build" in msg
-    assert "no-such-world" in msg  # the child's own error (the missing tokenizer directory) is passed on
+    assert "not-a-folder" in msg  # the child's own error (the path it could not write) is passed on
+
+
+def test_corpus_encoding_equals_encoding_with_the_full_image_block(qwen_tokenizer):
+    """encode_corpus renders a one-slot image block and widens it (3x cheaper); the ids and labels must be what
+    the full 197-slot block gives through the same code the trainer uses."""
+    from llava_lib.mini.corpus import conversation
+    from llava_lib.mini.lm_train import encode_corpus
+    from llava_lib.process import IMAGE_PAD_ID, encode_conversation, num_image_tokens
+    scenes = sc.make_scenes(40, 11)
+    samples = encode_corpus(qwen_tokenizer, scenes, seed=3)
+    rng = np.random.default_rng(3)  # encode_corpus draws the conversations from this stream, in order
+    with_image = 0
+    for scene, (ids, labels, has_image, *_) in zip(scenes, samples):
+        conv, image = conversation(scene, rng)
+        full_ids, full_labels = encode_conversation(qwen_tokenizer, conv, num_image_tokens(), learn_thinking=True)
+        assert (ids, labels, has_image) == (full_ids[:320], full_labels[:320], image)
+        with_image += image
+        if image:
+            assert ids.count(IMAGE_PAD_ID) == num_image_tokens()
+    assert 10 <= with_image < len(scenes)
+
+

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from llava_lib import config
@@ -43,6 +44,12 @@ def test_check_command_prints_one_json_line(mini_world):
     metrics = json.loads(line)
     assert {"clip_text_to_image_top1", "lm_loss_true_vs_shuffled"} <= set(metrics)
     assert metrics["clip_text_to_image_top1"] >= 0.9
+    # The build computed the same numbers in two halves, in two processes (CLIP here, LM beside it).
+    root, meta = mini_world
+    built = meta["metrics"]
+    assert {k: v for k, v in metrics.items() if k != "lm_loss_true_vs_shuffled"} == \
+        {k: v for k, v in built.items() if k != "lm_loss_true_vs_shuffled"}
+    assert metrics["lm_loss_true_vs_shuffled"] == pytest.approx(built["lm_loss_true_vs_shuffled"], abs=2e-4)
 
 
 def test_all_three_cap_seg_forms_round_trip_through_the_reader(mini_world):

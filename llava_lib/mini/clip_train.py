@@ -108,14 +108,15 @@ def _code_loss(emb: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return (emb - codes).pow(2).sum(-1).mean()
 
 
-def patch_targets(scene: Scene) -> np.ndarray:
+def patch_targets(scene: Scene, layout: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``[2, 196]``: per patch, the covering object's (cell x colour, cell x shape) classes (0 = background; the
     shape class also 0 on an interior patch, as in the LM's image words).
 
     Knowing its own cell (from the position embedding) lets a patch token say "red circle, top left"; the last
     layer's [CLS] attention, which starts as a near-uniform average, then reads the scene's layout linearly.
+    ``layout``: :func:`scenes.patch_layout` of the scene, when the caller has it already.
     """
-    owner, outline = patch_layout(scene)
+    owner, outline = layout if layout is not None else patch_layout(scene)
     out = np.zeros((2, owner.shape[0]), dtype=np.int64)
     for i, o in enumerate(scene.objects):
         color, shape = object_codes(o)
@@ -150,7 +151,8 @@ def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
     """``[B,3,H,W]`` uint8 -> CLIP-normalised float (same numbers as ``process.clip_transform`` on 224 px input)."""
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    # In place on a fresh copy: the same numbers as (x / 255 - mean) / std, one buffer instead of four.
+    return images.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)
 
 
 def _text_batch(tokenizer, captions, max_len=64):
@@ -260,7 +262,9 @@ def train_clip(scenes: list[Scene], tokenizer, *, vision_steps: int = 1000, step
         for group in opt.param_groups:
             group["lr"] = _lr(lr, step, total)
         batch_scenes = scenes[step * batch:(step + 1) * batch]
-        targets = torch.from_numpy(np.stack([patch_targets(s) for s in batch_scenes])).transpose(0, 1)  # [2,B,196]
+        owners = [patch_layout(s) for s in batch_scenes]  # one mask rendering per scene for both target kinds
+        targets = torch.from_numpy(np.stack([patch_targets(s, lo) for s, lo in zip(batch_scenes, owners)]))
+        targets = targets.transpose(0, 1)                                                                # [2,B,196]
         layouts = torch.from_numpy(np.stack([cell_targets(s) for s in batch_scenes]))                   # [B,2,cells]
         codes = scene_codes(batch_scenes, model.config.projection_dim)                                   # [B,dim]
         vis = model.vision_model(pixel_values=normalize_uint8(render_batch(batch_scenes)), output_hidden_states=True)
@@ -282,7 +286,7 @@ def train_clip(scenes: list[Scene], tokenizer, *, vision_steps: int = 1000, step
         image_layout = vis_heads.layout_loss(vis.pooler_output, layouts) + _code_loss(img_emb, codes)
         loss = clip_loss + patch_loss + image_layout + char_loss + text_layout
         if to_words is not None:  # relative squared error of the linear read-out of the LM's image words
-            words = torch.from_numpy(np.stack([patch_words(s) for s in batch_scenes]))
+            words = torch.from_numpy(np.stack([patch_words(s, lo) for s, lo in zip(batch_scenes, owners)]))
             loss = loss + F.mse_loss(to_words(vis.last_hidden_state[:, 1:]), words) / words_scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -309,15 +313,18 @@ def text_embeddings(model: ChineseCLIPModel, tokenizer, texts: list[str]) -> tor
 
 
 @torch.no_grad()
-def text_to_image_top1(model: ChineseCLIPModel, tokenizer, images: torch.Tensor, captions: list[str],
-                       gallery: int | None = None) -> float:
+def text_image_similarity(model: ChineseCLIPModel, tokenizer, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """``[captions, images]`` cosine similarities."""
+    model.eval()
+    return text_embeddings(model, tokenizer, captions) @ image_embeddings(model, images).T
+
+
+def retrieval_top1(sim: torch.Tensor, captions: list[str], gallery: int | None = None) -> float:
     """For each caption, is the most similar image one whose caption is that caption? (duplicates count)
 
     ``gallery=k`` cuts the images into consecutive galleries of k and retrieves within each (k-way retrieval,
     chance = 1/k); ``None`` retrieves among all of them.
     """
-    model.eval()
-    sim = text_embeddings(model, tokenizer, captions) @ image_embeddings(model, images).T
     k = gallery or len(captions)
     hits = []
     for s in range(0, len(captions), k):

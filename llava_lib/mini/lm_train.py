@@ -15,7 +15,7 @@ Two tricks keep it cheap on two CPU cores and make Stage 1 meaningful:
 3. **Voting over an object's patches.** The mini ViT gets most, not all, outline patches' shape right. So during
    pretraining each slot's *shape* word is replaced by a random shape with probability ``SHAPE_NOISE``: the LM
    learns to go with the shape most of the object's patches agree on, as a real LLM reads past noisy visual
-   tokens. Measured (greedy captions of 100 held-out scenes, 800 steps): 0.99 right with the exact image words,
+   tokens. Measured (greedy captions of 100 held-out scenes, 800 steps, 4 layers): 0.99 right with the exact image words,
    0.81-0.83 through a least-squares map from the mini CLIP's patch features (the best a linear projection
    fitted to the words, not to the LM's loss, does).
 """
@@ -39,7 +39,7 @@ VOCAB_ROWS = 151936  # Qwen3-0.6B's embedding rows (the tokenizer uses the first
 SHAPE_NOISE = 0.1    # chance that a slot's shape word is replaced by a random shape during pretraining
 
 
-def mini_llm_config(hidden: int = 64, layers: int = 4) -> Qwen3Config:
+def mini_llm_config(hidden: int = 64, layers: int = 3) -> Qwen3Config:
     # initializer_range 0.1 (~0.8/sqrt(hidden)) instead of Qwen's 0.02, which is sized for width 1024: at width 64
     # the 0.02 start leaves attention uniform for hundreds of steps, and reading *which* object sits *where* in
     # the image block (attention that depends on the position words just written) appears only much later.
@@ -91,7 +91,14 @@ def encode_corpus(tokenizer, scenes: list[Scene], seed: int, max_len: int = 320)
     samples = []
     for scene in scenes:
         conv, with_image = conversation(scene, rng)
-        ids, labels = encode_conversation(tokenizer, conv, n_img, learn_thinking=True)
+        # Rendered and tokenized with a one-slot image block, then widened: the same ids and labels as with all
+        # 197 slots (<|image_pad|> is one special token, never merged; the slots carry no labels),
+        # a quarter less time (8,000 conversations: 8.3 -> 6.2 s).
+        ids, labels = encode_conversation(tokenizer, conv, 1, learn_thinking=True)
+        if with_image:
+            k = ids.index(IMAGE_PAD_ID)
+            ids = ids[:k] + [IMAGE_PAD_ID] * n_img + ids[k + 1:]
+            labels = labels[:k] + [labels[k]] * n_img + labels[k + 1:]
         slot_color = np.full(n_img, -1, dtype=np.int64)
         slot_shape = np.full(n_img, -1, dtype=np.int64)
         slot_cell = np.full(n_img, -1, dtype=np.int64)
@@ -201,7 +208,7 @@ def _pad_batch(samples, pad_id):
 
 
 def train_llm(tokenizer, scenes: list[Scene], *, steps: int = 600, batch: int = 24, lr: float = 3e-3,
-              hidden: int = 64, layers: int = 4, seed: int = 0, log=print) -> Qwen3ForCausalLM:
+              hidden: int = 64, layers: int = 3, seed: int = 0, log=print) -> Qwen3ForCausalLM:
     torch.manual_seed(seed)
     samples = encode_corpus(tokenizer, scenes, seed)
     used = set(tokenizer.all_special_ids) | {t for s in samples for t in s[0]}

@@ -181,14 +181,15 @@ def outline_patches(scene: Scene) -> np.ndarray:
 IMAGE_WORDS = (*COLORS, *SHAPES, *POSITIONS, "<filler>")  # what the mini LM reads at a patch (lm_train, point 2)
 
 
-def patch_words(scene: Scene) -> np.ndarray:
+def patch_words(scene: Scene, layout: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``[196, len(IMAGE_WORDS)]`` 0/1: which image words the mini LM reads at each patch.
 
     An object's patch: its colour and position words, plus its shape word where the patch shows the outline;
     a background patch: the filler. The LM's slot embedding is this row times the matching word embeddings, so
     any map that gets these rows right (a linear one included) gets the LM's input right, whatever the LM.
+    ``layout``: :func:`patch_layout` of the scene, when the caller has it already (it renders the mask).
     """
-    owner, outline = patch_layout(scene)
+    owner, outline = layout if layout is not None else patch_layout(scene)
     out = np.zeros((owner.shape[0], len(IMAGE_WORDS)), dtype=np.float32)
     out[owner < 0, -1] = 1.0
     colors, shapes = list(COLORS), list(SHAPES)
