@@ -15,9 +15,9 @@ Two tricks keep it cheap on two CPU cores and make Stage 1 meaningful:
 3. **Voting over an object's patches.** The mini ViT gets most, not all, outline patches' shape right. So during
    pretraining each slot's *shape* word is replaced by a random shape with probability ``SHAPE_NOISE``: the LM
    learns to go with the shape most of the object's patches agree on, as a real LLM reads past noisy visual
-   tokens. Measured (greedy captions of 100 held-out scenes, 800 steps, 4 layers): 0.99 right with the exact image words,
-   0.81-0.83 through a least-squares map from the mini CLIP's patch features (the best a linear projection
-   fitted to the words, not to the LM's loss, does).
+   tokens. Measured (greedy captions of 100 held-out scenes, 800 steps, 4 layers): 0.99 right with the exact
+   image words, 0.81-0.83 through a least-squares map from the mini CLIP's patch features (the best a linear
+   projection fitted to the words, not to the LM's loss, does).
 """
 from __future__ import annotations
 
