@@ -307,7 +307,8 @@ def test_regional_compile_is_one_graph_per_tower_and_same_loss(qwen_tokenizer):
     g_ref = torch.autograd.grad(ref, params)
     torch._dynamo.reset()
     counters.clear()
-    accel.accelerate_training(model, compile=True, backend="aot_eager")
+    model.head_loss = accel.fused_lean_causal_lm_loss  # what train() picks on CUDA (head_loss="auto")
+    accel.compile_towers(model, backend="aot_eager")
     try:
         out = model(**b1).loss
         g = torch.autograd.grad(out, params)

@@ -176,7 +176,8 @@ def test_projection_checkpoint_round_trip_and_mismatch(qwen_tokenizer, tiny_mode
 def test_zero_rows_head_loss_is_the_full_vocabulary_loss():
     """The mini LM's head: a few live rows, the rest exactly zero. The cheap loss equals the full 151,936-way one
     (value and gradient), also for labels that fall on zero rows; a dense or trainable head keeps the general loss."""
-    from llava_lib.model.llava import lean_causal_lm_loss, zero_rows_head_loss
+    from llava_lib.mini.loss import zero_rows_head_loss
+    from llava_lib.model.llava import lean_causal_lm_loss
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 151936, bias=False).requires_grad_(False)
     live = torch.randperm(151936)[:120]
@@ -188,7 +189,7 @@ def test_zero_rows_head_loss_is_the_full_vocabulary_loss():
     labels[0, 5] = 7 if 7 not in live else 8  # a zero row's token: its logit is exactly 0
     labels[:, :10] = -100
     fast = zero_rows_head_loss(head)
-    assert fast is not None
+    assert fast is not lean_causal_lm_loss
     results = []
     for fn in (lean_causal_lm_loss, fast):
         out = fn(head, hidden, labels)
@@ -199,5 +200,5 @@ def test_zero_rows_head_loss_is_the_full_vocabulary_loss():
     assert abs(la - lb) <= 1e-5 * abs(la)
     # float32 rounding of the 151,936-way sum in the general loss: ~1e-4 of the largest gradient
     assert torch.allclose(ga, gb, rtol=1e-4, atol=5e-4 * float(ga.abs().max()))
-    assert zero_rows_head_loss(torch.nn.Linear(16, 1000, bias=False).requires_grad_(False)) is None  # dense
-    assert zero_rows_head_loss(head.requires_grad_(True)) is None  # a head that trains may not stay zero
+    assert zero_rows_head_loss(torch.nn.Linear(16, 1000, bias=False).requires_grad_(False)) is lean_causal_lm_loss  # dense
+    assert zero_rows_head_loss(head.requires_grad_(True)) is lean_causal_lm_loss  # a head that trains may not stay zero

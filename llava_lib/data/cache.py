@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ..process import IMAGE_SIZE, resize_center_crop
+from ..process import IMAGE_SIZE, resize_square
 from .fetch import DEFAULT_MAX_BYTES, DEFAULT_RETRIES, FetchError, fetch_image, reason_label
 from .reader import Row, list_shards, read_sa1b
 
@@ -233,7 +233,7 @@ class CacheReport:
 def _fetch_encode(row: Row, opts: dict, image_size: int, quality: int) -> bytes:
     image = fetch_image(row.url, **opts)
     try:
-        return encode_jpeg(resize_center_crop(image, image_size), quality)
+        return encode_jpeg(resize_square(image, image_size), quality)
     except Exception as e:  # an image that decodes but cannot be resized is still one bad sample
         raise FetchError("decode_error", f"{row.url} 无法缩放或编码：{type(e).__name__}: {e}", row.url) from None
 

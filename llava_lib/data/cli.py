@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", title="命令", metavar="{prepare,export-examples}", parser_class=_Parser)
 
     pr = sub.add_parser("prepare", help="下载图片并生成本地缓存（可中断、可续传）",
-                        description="并发下载每一行的图片，缩放并居中裁剪到 224 像素，以 JPEG 存入 parquet 分片。\n"
+                        description="并发下载每一行的图片，整张缩放（不裁剪）到 224x224 像素，以 JPEG 存入 parquet 分片。\n"
                                     "中途被杀掉也没关系：再次运行同一命令，只会下载还没完成的行。\n"
                                     "失败的行（及原因）记录在 <输出目录>/failures.jsonl。\n\n"
                                     "例子：\n"
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", type=Path, metavar="目录", default=Path("data_example"), help="输出目录（默认 ./data_example）")
     ex.add_argument("--profile", choices=config.PROFILES, help="按配置档取默认的数据目录 data_root")
     ex.add_argument("-n", "--n", type=int, metavar="N", default=100, help="导出多少个样本（默认 100）")
-    ex.add_argument("--size", type=int, metavar="像素", default=224, help="居中裁剪到多少像素；0 表示保留原图（默认 224）")
+    ex.add_argument("--size", type=int, metavar="像素", default=224, help="整张缩放到多少像素见方；0 表示保留原图（默认 224）")
     ex.add_argument("--url-rewrite", type=_rewrite_arg, metavar="前缀=替换", help="同 prepare")
     ex.add_argument("--no-url-rewrite", action="store_true", help="同 prepare")
     return p

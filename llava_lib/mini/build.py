@@ -320,12 +320,12 @@ def check_lm(root: Path, seed: int | None = None, n: int = 50, model=None, token
     ``model`` / ``tokenizer``: the ones just saved to ``root/llm`` (the build passes them, to skip a reload).
     """
     from transformers import AutoTokenizer, Qwen3ForCausalLM
-    from ..model.llava import lean_causal_lm_loss, zero_rows_head_loss
+    from .loss import zero_rows_head_loss
     root = Path(root)
     tok = tokenizer or AutoTokenizer.from_pretrained(str(root / "llm"))
     llm = (model or Qwen3ForCausalLM.from_pretrained(str(root / "llm"))).eval().requires_grad_(False)
-    # Chosen as LlavaStage1 chooses it: the exact full-vocabulary loss from the mini LM's live head rows, else general.
-    head_loss = zero_rows_head_loss(llm.lm_head) or lean_causal_lm_loss
+    # The mini profile's head loss: the exact full-vocabulary loss from the mini LM's live head rows.
+    head_loss = zero_rows_head_loss(llm.lm_head)
     conv = [{"role": "user", "content": "请描述一个简单的场景。"}]
     prompt, _ = encode_conversation(tok, conv, 0, add_generation_prompt=True, enable_thinking=False)
     rng = np.random.default_rng(0)

@@ -1,7 +1,7 @@
 """Speed-ups for a GPU, each one computing the same function as the plain path (docs/perf_notes.md has the numbers).
 
-Training (``accelerate_training(model)``; ``train()`` calls it on CUDA unless ``TrainConfig.accelerate=False`` /
-``--no-accelerate``):
+Training (``train.setup`` uses both on CUDA: ``TrainConfig.head_loss="auto"`` picks the fused loss, and
+``TrainConfig.accelerate`` (``--no-accelerate`` turns it off) compiles the towers):
 
 * :func:`fused_lean_causal_lm_loss` — the lean loss with the head's gradient computed chunk by chunk inside the
   forward, so no ``[chunk, 151936]`` logits are kept for the backward (same value, same gradient).
@@ -128,23 +128,6 @@ def uncompile_towers(model) -> None:
     model.compiled_towers = False
     import torch._dynamo
     torch._dynamo.reset()
-
-
-def accelerate_training(model, *, compile: bool | None = None, fused_loss: bool = True, **compile_kwargs) -> dict:
-    """Switch a :class:`LlavaStage1` to the fast training path; returns what was switched on.
-
-    ``compile=None`` compiles on CUDA only (on a CPU the compile time is not paid back). The first training step
-    after this call compiles (about a minute on an H100); later steps of any batch shape reuse the result.
-    """
-    done = {"fused_loss": False, "compiled_layers": 0}
-    if fused_loss:
-        model.head_loss = fused_lean_causal_lm_loss
-        done["fused_loss"] = True
-    if compile is None:
-        compile = model.device.type == "cuda"
-    if compile:
-        done["compiled_layers"] = compile_towers(model, **compile_kwargs)
-    return done
 
 
 # ---------------------------------------------------------------------------------------------------- decoding

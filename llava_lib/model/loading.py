@@ -95,5 +95,21 @@ def build_model(paths: Paths | None = None, device: torch.device | str | None = 
     return model, tokenizer
 
 
-__all__ = ["build_model", "load_llm", "load_clip", "load_vision_tower", "load_tokenizer", "pick_attention",
+def load_trained(directory: str | Path, paths: Paths | None = None, device: torch.device | str | None = None):
+    """The model a projection checkpoint was trained for: towers from ``paths``, the projection's type and vision
+    layer from its ``projection.json``, then its weights (checked to fit). Returns ``(model, tokenizer, meta)``."""
+    import json
+
+    from .checkpoint import META, load_projection
+    meta_file = Path(directory) / META
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"在 {directory} 中找不到 {META}：这不是一个训练好的投影层目录（应是某次运行的 final/ 或 "
+                                f"checkpoints/step-N/）。")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    model, tokenizer = build_model(paths, device=device, projector_type=meta["projector_type"],
+                                   feature_layer=meta["feature_layer"])
+    return model, tokenizer, load_projection(directory, model)
+
+
+__all__ = ["build_model", "load_trained", "load_llm", "load_clip", "load_vision_tower", "load_tokenizer", "pick_attention",
            "default_device", "default_dtype", "MissingResourceError"]
