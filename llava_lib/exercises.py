@@ -156,7 +156,7 @@ def check_lr_schedule(fn, total: int, cfg) -> bool:
     """Compare a student's schedule with ``train.lr_at`` at the steps where mistakes show: warmup edges, middle, end."""
     from .train import lr_at
     try:  # a function that still returns None is a blank too
-        first = None if fn is None else fn(0, total, cfg)
+        first = None if fn is None or fn is ... else fn(0, total, cfg)
     except Exception:
         first = 0.0  # reported with its message below
     if _blank(first, "你写的函数 my_lr_at 的返回值"):
