@@ -34,7 +34,7 @@ def test_notebook_layout(path):
     assert any("config.resolve(PROFILE)" in line for line in first)
     assert not any('PROFILE = "' in c.source for c in code), "笔记本不能写死配置档"
     checked = [c for c in code if nbtools.is_checked(c)]
-    assert checked, "每个笔记本至少有一个 # NBVAL_CHECK_OUTPUT 单元格"
+    assert checked, "每个笔记本至少有一个带 nbval-check-output 标签的单元格"
     for c in checked:
         assert c.outputs, f"检查单元格没有参考输出：{c.source[:60]!r}"
         for out in c.outputs:
