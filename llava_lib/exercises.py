@@ -3,8 +3,6 @@
 The blank a student fills is ``None``. Where the library already computes the answer, the checker asks the library
 (not a copy of the formula), so an exercise and the code it teaches cannot drift apart.
 """
-from __future__ import annotations
-
 import math
 
 import torch
@@ -133,9 +131,8 @@ def check_label_positions(answer, tokenizer, messages, n_image_tokens: int = 0) 
         got = [i for i, x in enumerate(got) if x] if len(got) == len(labels) else None
     else:
         got = _ints(got)
-    hint = "只有助手回答的内容和它结尾的 <|im_end|> 带损失；“assistant\\n”和空的思考块不算。"
-    if got and truth and got[-1] == truth[-1] - 1:
-        hint = "结尾的 <|im_end|> 也要学：模型得学会在哪里停下。"
+    hint = ("结尾的 <|im_end|> 也要学：模型得学会在哪里停下。" if got and truth and got[-1] == truth[-1] - 1
+            else "只有助手回答的内容和它结尾的 <|im_end|> 带损失；“assistant\\n”和空的思考块不算。")
     return _verdict(got == truth, f"带损失的位置是 {truth[0]}…{truth[-1]}，共 {len(truth)} 个。", hint)
 
 
