@@ -64,7 +64,7 @@ def check_image_tokens(answer, image_size: int, patch_size: int) -> bool:
 
 # ------------------------------------------------------------------------------------------------- 01
 def check_count_im_start(answer, tokenizer, messages, add_generation_prompt: bool = True) -> bool:
-    if _blank(answer, " <|im_start|> 出现的次数"):
+    if _blank(answer, "<|im_start|> 出现的次数"):
         return False
     text = process.render_chat(tokenizer, messages, 0, add_generation_prompt=add_generation_prompt)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -156,7 +156,7 @@ def check_lr_schedule(fn, total: int, cfg) -> bool:
         first = None if fn is None or fn is ... else fn(0, total, cfg)
     except Exception:
         first = 0.0  # reported with its message below
-    if _blank(first, "你写的函数 my_lr_at 的返回值"):
+    if _blank(first, "学习率（让 my_lr_at 返回它，而不是 None）"):
         return False
     warm = max(1, math.ceil(cfg.warmup_ratio * total))
     for step in sorted({0, warm - 1, warm, (warm + total) // 2, total - 1}):
