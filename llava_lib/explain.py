@@ -133,3 +133,23 @@ def tensorboard_routes(logdir, port: int = 6006, environ=None, has_server_proxy:
               f"服务器上运行 tensorboard --logdir {logdir} --port {port}，然后打开 http://localhost:{port}；",
               "  3. 不需要任何设置：上面训练时实时更新的 matplotlib 曲线，以及 read_scalars 读回的数据，在哪里都能看。"]
     return "\n".join(lines)
+
+
+# The published configurations of the real towers (Qwen/Qwen3-0.6B's config.json; Chinese-CLIP ViT-B/16's vision side).
+REAL_QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       rope_theta=1_000_000, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643,
+                       eos_token_id=151645, pad_token_id=151643)
+REAL_CLIP_VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         image_size=224, patch_size=16, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def real_size_model(projector_type: str = "linear"):
+    """The real run's model with no weights (PyTorch's ``meta`` device): its shapes and parameter counts, no download."""
+    import torch
+    from transformers import ChineseCLIPVisionConfig, ChineseCLIPVisionModel, Qwen3Config, Qwen3ForCausalLM
+
+    from .model import LlavaStage1, VisionTower
+    with torch.device("meta"):
+        vision = VisionTower(ChineseCLIPVisionModel(ChineseCLIPVisionConfig(**REAL_CLIP_VIT_B16)))
+        return LlavaStage1(vision, Qwen3ForCausalLM(Qwen3Config(**REAL_QWEN3_0_6B)), projector_type)

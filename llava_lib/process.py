@@ -3,7 +3,7 @@
 Conversations are lists of ``{"role": ..., "content": ...}`` as in transformers' chat templates. The image (at
 most one, in the first user turn) is marked by :data:`IMAGE_MARKER` inside that turn's text; rendering replaces
 the marker with ``<|vision_start|>`` + N x ``<|image_pad|>`` + ``<|vision_end|>``. These three tokens are already
-in Qwen3's vocabulary, so nothing is resized.
+in Qwen3's vocabulary, so the frozen LM's embedding table is not resized and stays exactly as downloaded.
 """
 from __future__ import annotations
 

@@ -177,6 +177,7 @@ def standard_faults(good_jpeg: bytes, max_bytes: int) -> dict[str, Fault]:
     """One of each fault the data pipeline must survive, keyed by path; reason expected in the manifest."""
     return {
         "/fault/404.jpg": Fault("status", status=404),
+        "/fault/403.jpg": Fault("status", status=403),             # an expired signed link
         "/fault/flaky.jpg": Fault("flaky", status=500, times=2),   # 500 twice, then the image: must arrive
         "/fault/503.jpg": Fault("status", status=503),             # always 5xx: retried, then transient failure
         "/fault/stall.jpg": Fault("stall"),
@@ -190,6 +191,7 @@ def standard_faults(good_jpeg: bytes, max_bytes: int) -> dict[str, Fault]:
 
 
 EXPECTED_REASONS = {
+    "/fault/403.jpg": "http_403",
     "/fault/404.jpg": "http_404",
     "/fault/503.jpg": "http_503",
     "/fault/stall.jpg": "timeout",

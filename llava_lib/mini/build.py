@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from filelock import FileLock
 from PIL import Image
 
 from .. import config
@@ -117,11 +118,9 @@ def build(root: Path | None = None, spec: BuildSpec = BuildSpec(), force: bool =
     Two builds at once (two notebooks, a notebook and a terminal) would delete each other's files: a lock file next
     to ``root`` makes the second one wait, then reuse what the first one built.
     """
-    import fcntl
     root = Path(root or config.mini_root())
     root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(root.parent / f".{root.name}.lock"):  # waits as long as the other build takes
         return _build_locked(root, spec, force)
 
 

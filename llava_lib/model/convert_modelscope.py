@@ -8,8 +8,9 @@ ModelScope's ``iic/multi-modal_clip-vit-base-patch16_zh`` ships the original Chi
     text_model_config.json       vocab_size, text_hidden_size, text_num_hidden_layers, ... (a BERT)
     vocab.txt                    the BERT vocabulary
 
-We map that state dict onto ``ChineseCLIPModel`` key by key instead of importing
-ModelScope's framework at run time. The mapping is exact: every source key is used (or explicitly dropped, see
+We map that state dict onto ``ChineseCLIPModel`` key by key instead of importing ModelScope's framework at run
+time: the course then loads one transformers class for the mini world and the real model alike, and needs
+modelscope only to download. The mapping is exact: every source key is used (or explicitly dropped, see
 ``_DROPPED``), every target key is produced and every shape is checked, so a wrong checkpoint fails loudly
 here rather than as bad features later.
 
