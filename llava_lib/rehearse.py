@@ -1,14 +1,13 @@
 """``python -m llava_lib.rehearse [--dir DIR]``: the full profile end to end at real sizes, offline, random weights.
 
-It writes what the downloads would bring -- Chinese-CLIP ViT-B/16 in ModelScope's own layout (written by ModelScope's
-own model classes), Qwen3-0.6B (its real config.json, the real tokenizer rebuilt offline, its sampling defaults) and
+It writes what the downloads would bring -- Chinese-CLIP ViT-B/16 in ModelScope's own layout (by ModelScope's own
+model classes), Qwen3-0.6B (its published config.json and sampling defaults, the real tokenizer rebuilt offline),
 SA1B-Dense-Caption shards whose signed image links a loopback server answers (some with 403 or 404) -- then runs the
-student's own commands on them with ``LLAVA_PROFILE=full``: prepare, train, resume, chat. Random weights say nothing
-about quality; what fails here is a layout, a shape, a path or a message the real run would trip over.
+student's commands on them with ``LLAVA_PROFILE=full``: prepare, train, resume, chat. Random weights say nothing about
+quality; what fails here is a layout, a shape, a path or a message that the real run would trip over.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -27,8 +26,8 @@ CLIP_TEXT = dict(vocab_size=21128, text_attention_probs_dropout_prob=0.1, text_h
                  text_hidden_dropout_prob=0.1, text_hidden_size=768, text_initializer_range=0.02,
                  text_intermediate_size=3072, text_max_position_embeddings=512, text_num_attention_heads=12,
                  text_num_hidden_layers=12, text_type_vocab_size=2)
-# Qwen/Qwen3-0.6B as published: config.json (transformers 4.51's format, as a download brings it) and
-# generation_config.json (the thinking-mode sampling defaults).
+BERT_SPECIALS = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}  # bert-base-chinese's ids
+# Qwen/Qwen3-0.6B's config.json (in transformers 4.51's format, as a download brings it) and generation_config.json.
 QWEN3_CONFIG = {
     "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
     "bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643, "head_dim": 128, "hidden_act": "silu",
@@ -37,13 +36,13 @@ QWEN3_CONFIG = {
     "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
     "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.51.0",
     "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
-QWEN3_GENERATION = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
-                    "pad_token_id": 151643, "temperature": 0.6, "top_k": 20, "top_p": 0.95,
-                    "transformers_version": "4.51.0"}
-BERT_SPECIALS = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}  # bert-base-chinese's ids
+QWEN3_GENERATION = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+                    "temperature": 0.6, "top_k": 20, "top_p": 0.95, "transformers_version": "4.51.0"}
 
 TRAIN_ROWS, EVAL_ROWS, LIMIT, EVAL_LIMIT = 24, 8, 16, 4
 FAULTS = {("train", 2): 403, ("train", 5): 404, ("train", 9): 403, ("eval", 1): 404}  # (shard, row) -> status
+TRAIN_FLAGS = ["--batch-size", "2", "--eval-limit", "2", "--caption-show-n", "0", "--save-every", "1",
+               "--max-text-tokens", "32", "--no-tensorboard", "--num-workers", "0", "--no-progress"]
 CHAT_CODE = """import sys
 from llava_lib.chat import ChatSession, GenerationConfig
 from llava_lib.config import resolve
@@ -55,7 +54,7 @@ print("回答：" + repr(session.ask("请描述这张图片。")))
 
 
 class RehearsalError(RuntimeError):
-    """A step of the rehearsal failed; the message holds the command's exit status and the end of its output."""
+    """A step failed; the message holds the command's exit status and the end of its output."""
 
 
 def _json(path: Path, obj) -> None:
@@ -63,17 +62,16 @@ def _json(path: Path, obj) -> None:
 
 
 def bert_vocab() -> list[str]:
-    """21,128 tokens with the specials where BERT (and ModelScope's FullTokenizer) expects them; the rest synthetic."""
+    """21,128 tokens, the specials where BERT (and ModelScope's FullTokenizer) expects them, the rest synthetic."""
     words = [BERT_SPECIALS.get(i, f"[unused{i}]") for i in range(104)] + [chr(c) for c in range(33, 127)]
-    words += [chr(0x4E00 + i) for i in range(CLIP_TEXT["vocab_size"] - len(words))]
-    return words
+    return words + [chr(0x4E00 + i) for i in range(CLIP_TEXT["vocab_size"] - len(words))]
 
 
 def write_clip(dst: Path, seed: int = 0) -> Path:
-    """A ModelScope-layout Chinese-CLIP directory, the weights from ModelScope's own ``CLIP`` class."""
+    """A ModelScope-layout Chinese-CLIP directory; the weights come from ModelScope's own ``CLIP`` class."""
+    import torch
     from modelscope.models.multi_modal.clip.bert_tokenizer import FullTokenizer
     from modelscope.models.multi_modal.clip.model import CLIP
-    import torch
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "vocab.txt").write_text("\n".join(bert_vocab()) + "\n", encoding="utf-8")
     _json(dst / "vision_model_config.json", CLIP_VISION)
@@ -83,7 +81,7 @@ def write_clip(dst: Path, seed: int = 0) -> Path:
                                        "pipeline": {"type": "multi-modal-embedding"}})
     torch.manual_seed(seed)
     model = CLIP(**CLIP_VISION, **CLIP_TEXT, tokenizer=FullTokenizer(vocab_file=str(dst / "vocab.txt")))
-    # As the hub ships it: a training checkpoint, wrapped and with DDP's ``module.`` prefix.
+    # As the hub ships it: a training checkpoint, wrapped, with DDP's ``module.`` prefix.
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, dst / "pytorch_model.bin")
     return dst
 
@@ -97,9 +95,8 @@ def write_qwen(dst: Path, seed: int = 0) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     _json(dst / "config.json", QWEN3_CONFIG)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM._from_config(AutoConfig.from_pretrained(dst), dtype=torch.bfloat16)
-    model.save_pretrained(dst)
-    # save_pretrained rewrites both files in its own version's format; put back what a download brings.
+    Qwen3ForCausalLM._from_config(AutoConfig.from_pretrained(dst), dtype=torch.bfloat16).save_pretrained(dst)
+    # save_pretrained rewrote both files in its own version's format; put back what a download brings.
     _json(dst / "config.json", QWEN3_CONFIG)
     _json(dst / "generation_config.json", QWEN3_GENERATION)
     build_qwen_tokenizer(dst)
@@ -107,7 +104,7 @@ def write_qwen(dst: Path, seed: int = 0) -> Path:
 
 
 def photo(width: int, height: int, seed: int) -> bytes:
-    """A photo-sized JPEG (shapes on a background, plus sensor-like noise so it compresses like a photo)."""
+    """A photo-sized JPEG: shapes on a background, plus noise so that it compresses like a photo."""
     import io
 
     from PIL import Image, ImageDraw
@@ -118,27 +115,24 @@ def photo(width: int, height: int, seed: int) -> bytes:
         x, y = rng.randrange(width), rng.randrange(height)
         box = (x, y, x + rng.randrange(100, 800), y + rng.randrange(100, 800))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=tuple(rng.randrange(256) for _ in range(3)))
-    img = Image.blend(img, Image.effect_noise((width, height), 40).convert("RGB"), 0.15)
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
+    Image.blend(img, Image.effect_noise((width, height), 40).convert("RGB"), 0.15).save(buf, "JPEG", quality=90)
     return buf.getvalue()
 
 
 def long_caption(rng: random.Random) -> str:
     """A dense global caption of a few hundred characters, like SA1B-Dense-Caption's."""
-    where = ["在画面的左下角", "靠近画面中央", "在远处的山坡上", "在街道的一侧", "在河岸边", "在画面右上方"]
-    what = ["一位穿着红色外套的女士正在低头看手机", "一辆白色的小轿车停在路边", "几栋高低错落的居民楼排成一列",
-            "一只黄狗趴在台阶上晒太阳", "一排梧桐树的叶子已经开始泛黄", "几个背着书包的学生并肩走着",
-            "一个水果摊上整齐地摆着苹果和橘子", "一座石拱桥横跨在平静的水面上"]
-    more = ["阳光从右上方照下来，在地面上投下清晰的影子", "天空中飘着几朵白云，整体色调偏暖",
-            "背景略微模糊，隐约可以看到来往的行人和车辆", "地面是灰色的水泥路面，边缘散落着一些落叶",
-            "建筑的外墙贴着浅色的瓷砖，大部分窗户都关着"]
-    parts = [f"{rng.choice(where)}，{rng.choice(what)}。{rng.choice(more)}。" for _ in range(8)]
-    return "这张照片展示了一个日常的城市场景。" + "".join(parts)
+    where = "在画面的左下角|靠近画面中央|在远处的山坡上|在街道的一侧|在河岸边|在画面右上方".split("|")
+    what = ("一位穿着红色外套的女士正在低头看手机|一辆白色的小轿车停在路边|几栋高低错落的居民楼排成一列|一只黄狗趴在台阶上晒太阳|"
+            "一排梧桐树的叶子已经开始泛黄|几个背着书包的学生并肩走着|一座石拱桥横跨在平静的水面上").split("|")
+    more = ("阳光从右上方照下来，在地面上投下清晰的影子|天空中飘着几朵白云，整体色调偏暖|背景略微模糊，隐约可以看到来往的行人和车辆|"
+            "地面是灰色的水泥路面，边缘散落着一些落叶|建筑的外墙贴着浅色的瓷砖，大部分窗户都关着").split("|")
+    return "这张照片展示了一个日常的城市场景。" + "".join(
+        f"{rng.choice(where)}，{rng.choice(what)}。{rng.choice(more)}。" for _ in range(8))
 
 
 def write_data(root: Path, server, seed: int = 0) -> Path:
-    """Two shards under ``root/data/`` (the last is the held-out one), their images served by ``server``."""
+    """Two shards under ``root/data/`` (the last one is held out for eval), their images served by ``server``."""
     from .data.testing import Fault, write_sa1b
     rng = random.Random(seed)
     images = [photo(1500, 2250, seed), photo(2250, 1500, seed + 1), photo(1500, 2250, seed + 2)]
@@ -146,9 +140,8 @@ def write_data(root: Path, server, seed: int = 0) -> Path:
     for k, (name, n) in enumerate((("train", TRAIN_ROWS), ("eval", EVAL_ROWS))):
         urls = []
         for i in range(n):
-            path = f"/sa1b/{name}/sa_{i:06d}.jpg"
-            status = FAULTS.get((name, i))
-            if status == 403:  # a signed link past its expiry
+            path, status = f"/sa1b/{name}/sa_{i:06d}.jpg", FAULTS.get((name, i))
+            if status == 403:  # a signed link past its expiry; a 404 is a path the server does not know
                 server.faults[path] = Fault("status", status=403)
             elif status is None:
                 server.files[path] = images[i % len(images)]
@@ -168,77 +161,88 @@ def _step(title: str, timings: list):
 
 
 def _run(title: str, args: list[str], env: dict, cwd: Path, expect: tuple[str, ...] = ()) -> str:
-    """Run ``python ARGS``; its output, or RehearsalError if it failed or lacks one of the ``expect`` patterns."""
-    proc = subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True)
-    out = proc.stdout + proc.stderr
+    """``python ARGS`` with its output shown, indented, as it comes; RehearsalError if it fails or lacks an ``expect``."""
+    proc = subprocess.Popen([sys.executable, *args], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, encoding="utf-8", errors="replace")
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        print(f"    {line}", end="", flush=True)
+    out, code = "".join(lines), proc.wait()
     missing = [p for p in expect if not re.search(p, out)]
-    if proc.returncode != 0 or missing:
-        why = f"退出码 {proc.returncode}" + (f"，输出中没有：{'；'.join(missing)}" if missing else "")
-        raise RehearsalError(f"{title}失败（{why}）。输出的最后部分：\n{out[-4000:]}")
+    if code != 0 or missing:
+        why = f"退出码 {code}" + (f"，输出中没有：{'；'.join(missing)}" if missing else "")
+        raise RehearsalError(f"{title}失败（{why}）。输出的最后部分：\n{out[-3000:]}")
     return out
 
 
-def _history(ckpt: Path) -> list[dict]:
-    return json.loads((ckpt / "train_state.json").read_text(encoding="utf-8"))["history"]
+def _history(out_dir: Path, step: int) -> list[dict]:
+    path = out_dir / "checkpoints" / f"step-{step:06d}" / "train_state.json"
+    return json.loads(path.read_text(encoding="utf-8"))["history"]
+
+
+def _env(root: Path, clip: Path, llm: Path, data: Path) -> dict:
+    """The student's environment switch to the full profile, every path inside ``root`` (no other llava.toml)."""
+    (root / "llava.toml").write_text("# 预演：只用环境变量\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAVA_")}
+    repo = str(Path(__file__).resolve().parents[1])
+    env.update(LLAVA_PROFILE="full", LLAVA_HOME=str(root / "home"), LLAVA_CONFIG=str(root / "llava.toml"),
+               LLAVA_CLIP_PATH=str(clip), LLAVA_LLM_PATH=str(llm), LLAVA_DATA_ROOT=str(data),
+               LLAVA_CACHE_DIR=str(root / "image_cache"), LLAVA_CHECKPOINTS_DIR=str(root / "checkpoints"),
+               PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1", HF_HUB_DISABLE_PROGRESS_BARS="1")  # whole lines, not redrawn bars
+    return env
 
 
 def rehearse(root: Path) -> dict:
-    """Write everything under ``root`` and run the student's commands on it; returns timings and outputs."""
+    """Write everything under ``root``, run the student's commands on it; returns timings, outputs and losses."""
     from .data.testing import ImageServer
     root, timings, outputs = Path(root), [], {}
-    repo = Path(__file__).resolve().parents[1]
-    ms_clip, qwen, data = root / "models" / "multi-modal_clip-vit-base-patch16_zh", root / "models" / "Qwen3-0.6B", root / "SA1B-Dense-Caption"
+    clip, llm = root / "models" / "multi-modal_clip-vit-base-patch16_zh", root / "models" / "Qwen3-0.6B"
+    data, out_dir = root / "SA1B-Dense-Caption", root / "checkpoints" / "stage1-full"
     with _step("写 Chinese-CLIP ViT-B/16（ModelScope 格式，随机权重）", timings):
-        write_clip(ms_clip)
+        write_clip(clip)
     with _step("写 Qwen3-0.6B（真实配置与分词器，随机权重，bf16 存盘）", timings):
-        write_qwen(qwen)
-    (root / "llava.toml").write_text("# 预演：只用环境变量，不读其他配置文件\n", encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAVA_")}
-    env.update(LLAVA_PROFILE="full", LLAVA_HOME=str(root / "home"), LLAVA_CONFIG=str(root / "llava.toml"),
-               LLAVA_CLIP_PATH=str(ms_clip), LLAVA_LLM_PATH=str(qwen), LLAVA_DATA_ROOT=str(data),
-               LLAVA_CACHE_DIR=str(root / "image_cache"), LLAVA_CHECKPOINTS_DIR=str(root / "checkpoints"),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
-               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", TOKENIZERS_PARALLELISM="false")
-    train = ["-m", "llava_lib.train", "--batch-size", "2", "--eval-limit", "2", "--caption-show-n", "0",
-             "--save-every", "1", "--no-tensorboard", "--num-workers", "0", "--no-progress"]
-    out_dir = root / "checkpoints" / "stage1-full"
+        write_qwen(llm)
+    env = _env(root, clip, llm, data)
     with ImageServer() as server:
         with _step(f"写 SA1B-Dense-Caption 分片（2 个，图片由 127.0.0.1:{server.port} 提供）", timings):
             write_data(data, server)
-        failed = sum(1 for (shard, row), _ in FAULTS.items() if shard == "train" and row < LIMIT)
+        failed = [status for (shard, row), status in FAULTS.items() if shard == "train" and row < LIMIT]
         with _step(f"python -m llava_lib.data prepare --profile full --limit {LIMIT}", timings):
             outputs["prepare"] = _run("准备图片缓存", ["-m", "llava_lib.data", "prepare", "--profile", "full", "--limit",
-                                      str(LIMIT), "--eval-limit", str(EVAL_LIMIT), "--no-progress", "--workers", "4"],
-                                      env, root, (r"链接已过期", rf"本次失败 {failed} 行", r"验证集"))
-    with _step("python -m llava_lib.train --max-steps 2（首次运行：转换 Chinese-CLIP）", timings):
-        outputs["train"] = _run("训练", [*train, "--max-steps", "2"], env, root,
+                                      str(LIMIT), "--eval-limit", str(EVAL_LIMIT), "--workers", "4", "--no-progress"],
+                                      env, root, (rf"链接已过期.*\[http_403\]：{failed.count(403)}",
+                                                  rf"本次失败 {len(failed)} 行", r"验证集：最后一个数据分片 train-0001"))
+    with _step("python -m llava_lib.train --max-steps 2（第一次运行，转换 Chinese-CLIP）", timings):
+        outputs["train"] = _run("训练", ["-m", "llava_lib.train", *TRAIN_FLAGS, "--max-steps", "2"], env, root,
                                 (r"正在把 ModelScope 格式的 Chinese-CLIP 转换为", r"转换完成", r"训练后 第 2 步评估"))
-    first = _history(out_dir / "checkpoints" / "step-000002")
+    first = _history(out_dir, 2)
     with _step("python -m llava_lib.train --max-steps 3 --resume", timings):
-        outputs["resume"] = _run("继续训练", [*train, "--max-steps", "3", "--resume"], env, root,
-                                 (r"从检查点 \S+step-000002 继续（第 2 步）", r"训练后 第 3 步评估"))
-    resumed = _history(out_dir / "checkpoints" / "step-000003")
-    reuse = [line for line in outputs["resume"].splitlines() if "Chinese-CLIP" in line]
-    losses = [rec["loss"] for rec in resumed]
-    if (len(reuse) != 1 or "已存在转换好的" not in reuse[0] or len(first) != 2 or len(resumed) != 3
-            or losses[:2] != [rec["loss"] for rec in first] or not resumed[2]["lr"] > 0):
-        raise RehearsalError(f"续训没有接上：关于 Chinese-CLIP 的输出 {reuse}；首次运行的记录 {first}；续训后的记录 {resumed}"
-                             "（应只有一行“已存在转换好的”，前两步的损失不变，第 3 步的学习率大于 0）")
+        outputs["resume"] = _run("续训", ["-m", "llava_lib.train", *TRAIN_FLAGS, "--max-steps", "3", "--resume"], env,
+                                 root, (r"从检查点 \S+step-000002 继续（第 2 步）", r"训练后 第 3 步评估"))
+    resumed = _history(out_dir, 3)
+    clip_lines = [line for line in outputs["resume"].splitlines() if "Chinese-CLIP" in line]
+    if (len(clip_lines) != 1 or "已存在转换好的" not in clip_lines[0] or len(resumed) != 3
+            or [r["loss"] for r in resumed[:2]] != [r["loss"] for r in first] or not resumed[2]["lr"] > 0):
+        raise RehearsalError(f"续训没有接上：关于 Chinese-CLIP 的输出 {clip_lines}；第一次的记录 {first}；续训后的记录 "
+                             f"{resumed}（应只有一行“已存在转换好的”，前两步的损失不变，第 3 步的学习率大于 0）")
     with _step("对话：load_trained(final) + ChatSession，生成 8 个词元", timings):
         outputs["chat"] = _run("对话", ["-c", CHAT_CODE, str(out_dir / "final"), str(data / "sample.jpg")], env, root,
                                (r"回答：",))
-    return {"timings": timings, "outputs": outputs, "losses": losses, "root": root}
+    return {"timings": timings, "outputs": outputs, "losses": [r["loss"] for r in resumed]}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llava_lib.rehearse",
-                                description="完整配置（full）的离线预演：按真实尺寸写出随机权重的 Chinese-CLIP（ModelScope 格式）、"
-                                            "Qwen3-0.6B 和 SA1B 数据分片（图片由本机回环地址提供），再用学生的命令依次跑"
-                                            "数据准备、训练、续训和对话。只检查各环节能否接上，不代表模型效果。")
+    from .data.cli import _Parser  # the Chinese argparse of the data tool
+    p = _Parser(prog="python -m llava_lib.rehearse",
+                description="完整配置（full）的离线预演：按真实尺寸写出随机权重的 Chinese-CLIP（ModelScope 格式）、Qwen3-0.6B "
+                            "和 SA1B 数据分片（图片由本机回环地址提供），再用学生的命令依次运行数据准备、训练、续训和对话。\n"
+                            "只检查各环节能否接上，不代表模型效果。")
     p.add_argument("--dir", type=Path, metavar="目录", help="写在这个目录并保留（不给则用临时目录，结束后删除）；约需 3 GB")
     args = p.parse_args(argv)
-    root = args.dir or Path(tempfile.mkdtemp(prefix="llava-rehearsal-"))
-    t0 = time.perf_counter()
+    root, t0 = args.dir or Path(tempfile.mkdtemp(prefix="llava-rehearsal-")), time.perf_counter()
     try:
         result = rehearse(root)
     except RehearsalError as e:
@@ -247,10 +251,8 @@ def main(argv=None) -> int:
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    print("预演通过。各步用时：")
-    for title, seconds in result["timings"]:
-        print(f"  {seconds:7.1f} 秒  {title}")
-    print(f"  {time.perf_counter() - t0:7.1f} 秒  合计" + ("" if args.dir is None else f"（文件保留在 {root}）"))
+    print("预演通过。各步用时：\n" + "".join(f"  {s:7.1f} 秒  {t}\n" for t, s in result["timings"])
+          + f"  {time.perf_counter() - t0:7.1f} 秒  合计" + ("" if args.dir is None else f"（文件保留在 {root}）"))
     return 0
 
 
