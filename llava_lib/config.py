@@ -90,7 +90,8 @@ def mini_root() -> Path:
 # ------------------------------------------------------------------------------------------------- paths
 @dataclass(frozen=True)
 class Paths:
-    """Resolved locations. ``eval_data_root=None`` means: hold out rows of ``data_root`` for eval."""
+    """Resolved locations. ``eval_data_root=None``: ``data prepare`` holds out the last shard of ``data_root`` as
+    ``cache_dir/eval``."""
 
     profile: str
     clip_path: Path

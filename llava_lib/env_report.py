@@ -244,5 +244,5 @@ def download_instructions() -> str:
     lines = ["在 GPU 机器的终端里（项目根目录下）依次运行："]
     for cmd, what in DOWNLOAD_STEPS:
         lines.append(f"  {cmd:62s} # {what}")
-    lines.append("然后把每个笔记本第一个代码单元格里的 PROFILE = \"mini\" 改成 PROFILE = \"full\"。")
+    lines.append("然后 export LLAVA_PROFILE=full（或在项目根目录写 llava.toml：profile = \"full\"），再启动 JupyterLab，所有笔记本和命令都会切换。")
     return "\n".join(lines)

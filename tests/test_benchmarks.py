@@ -47,6 +47,7 @@ def test_written_out_chat_ids_are_the_tokenizers(qwen_tokenizer):
                                                   "pad_id_matches": True}
 
 
+@pytest.mark.slow
 def test_benchmarks_import_nothing_gpu_machine_lacks():
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import train_step, generate; "
             "bad = [m for m in ('modelscope', 'dashscope', 'llava_lib.data', 'llava_lib.mini') if m in sys.modules]; "
@@ -55,6 +56,7 @@ def test_benchmarks_import_nothing_gpu_machine_lacks():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_mini(tmp_path, cached_tokenizer):
     out = tmp_path / "train_step.json"
     r = _run("train_step.py", out, "--budget-s", "200")
@@ -71,6 +73,7 @@ def test_train_step_benchmark_mini(tmp_path, cached_tokenizer):
     assert d["table"] and d["flop_formula"]
 
 
+@pytest.mark.slow
 def test_generate_benchmark_mini(tmp_path):
     """The GPU run's shape on a CPU: bf16 main run, the fp32 identity check, teacher forcing, the diagnostics."""
     out = tmp_path / "generate.json"
@@ -133,6 +136,7 @@ def _forced(llm, embeds, tokens, dec):
     return torch.stack(plain), torch.stack(fast)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_exact_mode_logits_are_bit_identical_to_the_plain_path(dtype, monkeypatch):
     monkeypatch.setenv("LLAVA_FAST_DECODE_MODE", "exact")
@@ -148,6 +152,7 @@ def test_exact_mode_logits_are_bit_identical_to_the_plain_path(dtype, monkeypatc
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_static_mode_is_the_same_function_fp32_same_tokens():
     """The default mode: attention over the whole static cache with a length mask. fp32: the plain path's greedy
     tokens, logits equal to rounding."""
@@ -163,6 +168,7 @@ def test_static_mode_is_the_same_function_fp32_same_tokens():
     assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
 
 
+@pytest.mark.slow
 def test_static_mode_bf16_agrees_to_bf16_precision():
     """bf16: another kernel order, so not bit for bit; the same greedy token almost everywhere, all finite."""
     model, embeds = _varied_model(seed=4, dtype=torch.bfloat16)
@@ -175,6 +181,7 @@ def test_static_mode_bf16_agrees_to_bf16_precision():
     assert float((a.float() - b.float()).abs().max()) <= 0.1 * float(a.float().abs().max())
 
 
+@pytest.mark.slow
 def test_compiled_static_layer_is_one_graph_for_all_layers():
     """The GPU default compiles the decoder layer: every layer shares one graph (its weights are graph inputs), and
     the compiled step is the same function (aot_eager here: the tracing, not inductor's code generation)."""
@@ -198,6 +205,7 @@ def test_compiled_static_layer_is_one_graph_for_all_layers():
     assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
 
 
+@pytest.mark.slow
 def test_bf16_agreement_check_catches_a_wrong_mask():
     """The benchmark's bf16 criteria (agreement, mean |diff|) are not vacuous: a decoder whose mask hides the
     current token fails them, the real one passes."""
@@ -217,6 +225,7 @@ def test_bf16_agreement_check_catches_a_wrong_mask():
     assert not verdict(broken)
 
 
+@pytest.mark.slow
 def test_static_decoder_reused_after_a_longer_context_and_rebuilt_for_a_new_dtype():
     """A reused decoder holds the previous reply's K/V after the new prefix: masked and zeroed, it cannot leak.
     A model converted to another dtype gets a new decoder."""
@@ -286,6 +295,7 @@ def test_right_padding_detection():
     assert not is_right_padded(torch.tensor([[1, 0, 1, 1]]))
 
 
+@pytest.mark.slow
 def test_regional_compile_is_one_graph_per_tower_and_same_loss(qwen_tokenizer):
     """All decoder layers share one compiled graph (no per-layer recompiles), any batch shape reuses it, and the
     loss and the projection's gradient are the eager ones (aot_eager: the tracing and the autograd split, no codegen)."""

@@ -151,6 +151,7 @@ def test_small_full_clip_matches_modelscope_image_and_text():
     assert torch.equal(hf.logit_scale.detach(), ms.logit_scale.detach())
 
 
+@pytest.mark.slow
 def test_real_size_vit_b16_matches_modelscope():
     t0 = time.perf_counter()
     ms = make_ms_clip(REAL_VISION_MS_CONFIG, seed=3)

@@ -156,6 +156,7 @@ def test_cache_refuses_other_source_and_second_writer(tmp_path):
         server.close()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
     """Kill a real `python -m llava_lib.data prepare` twice mid-run; the third run finishes the rest."""
     server, src, good, faults = _world(tmp_path, n_good=60, delay=0.04)

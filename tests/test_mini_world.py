@@ -75,6 +75,7 @@ def test_a_second_build_waits_for_the_first_and_reuses_it(tmp_path, monkeypatch)
     assert result.get("meta", {}).get("metrics") == {"ok": True, "first": 1}, result
 
 
+@pytest.mark.slow
 def test_check_command_prints_one_json_line(mini_world):
     out = subprocess.run([sys.executable, "-m", "llava_lib.mini", "check"], capture_output=True, text=True,
                          timeout=300, cwd=REPO)
@@ -156,6 +157,7 @@ def test_mini_profile_resolves_to_the_built_world(mini_world):
     assert p.require("clip_path", "llm_path", "data_root", "eval_data_root").llm_path == root / "llm"
 
 
+@pytest.mark.slow
 def test_mini_llm_answers_after_thinking_with_a_system_prompt(mini_world):
     """What the 01 notebook's chat widget does: a system prompt, thinking on. The mini LM must close its think
     block and then answer (a v8 build without system prompts in its corpus never closed it: an empty answer)."""

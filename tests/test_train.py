@@ -21,6 +21,7 @@ def quick(tmp_path, **kw) -> TrainConfig:
     return TrainConfig.for_profile("mini", **{**base, **kw})
 
 
+@pytest.mark.slow
 def test_short_run_learns(mini_world, tmp_path):
     cfg = quick(tmp_path, max_steps=250, caption_eval_n=25, caption_show_n=2, eval_every=125, batch_size=16)
     result = train(cfg)
@@ -42,6 +43,7 @@ def test_short_run_learns(mini_world, tmp_path):
     assert (tmp_path / "final" / "projection.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_loss_curve(mini_world, tmp_path):
     full = train(quick(tmp_path / "a", max_steps=10, save_every=3, log_every=1))
 
@@ -64,6 +66,7 @@ def test_resume_continues_the_same_loss_curve(mini_world, tmp_path):
     assert all(torch.allclose(fa[k], fb[k], atol=1e-6) for k in fa)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(mini_world, tmp_path, monkeypatch):
     from llava_lib.model import llava
     real = llava.LlavaStage1.forward
@@ -92,6 +95,7 @@ def test_missing_cache_is_a_clear_error(tmp_path, monkeypatch):
     assert "python -m llava_lib.mini build" in str(e.value)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(mini_world, tmp_path):
     common = ["--profile", "mini", "--max-steps", "4", "--batch-size", "4", "--eval-every", "0",
               "--caption-eval-n", "0", "--eval-limit", "8", "--no-tensorboard", "--save-every", "0",

@@ -59,12 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     f"（取前 {DEFAULT_EVAL_LIMIT} 行，写入 eval/），训练集不使用这个分片。\n\n"
                                     "例子：\n"
                                     f"  {PREPARE_FULL_CMD}\n"
-                                    "  python -m llava_lib.data prepare --src 数据目录 --out 缓存目录 --workers 32")
+                                    "  python -m llava_lib.data prepare --src 数据目录 --out 缓存目录 --limit 100000 --workers 32")
     pr.add_argument("--src", type=Path, metavar="目录", help="数据目录（其中有 data/*.parquet）或一个 parquet 文件")
     pr.add_argument("--out", type=Path, metavar="目录",
                     help="缓存输出目录；与 --profile 同用且不给 --src 时是缓存根目录（训练集写入其下 train/，验证集写入 eval/）")
     pr.add_argument("--profile", choices=config.PROFILES,
-                    help="按配置档取默认路径：训练集 data_root -> cache_dir/train，验证集 eval_data_root -> cache_dir/eval")
+                    help="按配置档取默认路径：训练集 data_root -> cache_dir/train，验证集 eval_data_root "
+                         "（没有时取 data_root 的最后一个分片）-> cache_dir/eval")
     pr.add_argument("--limit", type=int, metavar="N", help="训练集只取前 N 行（课程用前 100000 行）")
     pr.add_argument("--eval-limit", type=int, metavar="N", default=DEFAULT_EVAL_LIMIT,
                     help=f"验证集取前 N 行（默认 {DEFAULT_EVAL_LIMIT}）")
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--workers", type=int, metavar="K", default=16, help="同时下载的数量（默认 16）")
     pr.add_argument("--shard-rows", type=int, metavar="N", default=2048, help="每个缓存分片最多多少行（默认 2048）")
     pr.add_argument("--timeout", type=float, metavar="秒", default=20.0, help="单次请求多少秒没有数据就算超时（默认 20）")
-    pr.add_argument("--retries", type=int, metavar="次", default=3, help="超时、429、5xx 时最多重试几次（默认 3）")
+    pr.add_argument("--retries", type=int, metavar="次", default=3, help="连接失败、超时、429、5xx 时最多重试几次（默认 3）")
     pr.add_argument("--max-mb", type=float, default=32.0, metavar="MB", help="单张图片最大下载量，超过即放弃（默认 32 MB）")
     pr.add_argument("--url-rewrite", type=_rewrite_arg, metavar="前缀=替换",
                     help="把以“前缀”开头的地址改写，例如把网址映射到本地目录；--profile mini 默认映射到迷你世界的 images/")
