@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -77,8 +76,7 @@ def write_clip(dst: Path, seed: int = 0) -> Path:
     _json(dst / "vision_model_config.json", CLIP_VISION)
     _json(dst / "text_model_config.json", CLIP_TEXT)
     _json(dst / "configuration.json", {"framework": "pytorch", "task": "multi-modal-embedding",
-                                       "model": {"type": "clip-multi-modal-embedding"},
-                                       "pipeline": {"type": "multi-modal-embedding"}})
+                                       "model": {"type": "clip-multi-modal-embedding"}})
     torch.manual_seed(seed)
     model = CLIP(**CLIP_VISION, **CLIP_TEXT, tokenizer=FullTokenizer(vocab_file=str(dst / "vocab.txt")))
     # As the hub ships it: a training checkpoint, wrapped, with DDP's ``module.`` prefix.
@@ -103,39 +101,10 @@ def write_qwen(dst: Path, seed: int = 0) -> Path:
     return dst
 
 
-def photo(width: int, height: int, seed: int) -> bytes:
-    """A photo-sized JPEG: shapes on a background, plus noise so that it compresses like a photo."""
-    import io
-
-    from PIL import Image, ImageDraw
-    rng = random.Random(seed)
-    img = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(12):
-        x, y = rng.randrange(width), rng.randrange(height)
-        box = (x, y, x + rng.randrange(100, 800), y + rng.randrange(100, 800))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=tuple(rng.randrange(256) for _ in range(3)))
-    buf = io.BytesIO()
-    Image.blend(img, Image.effect_noise((width, height), 40).convert("RGB"), 0.15).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def long_caption(rng: random.Random) -> str:
-    """A dense global caption of a few hundred characters, like SA1B-Dense-Caption's."""
-    where = "在画面的左下角|靠近画面中央|在远处的山坡上|在街道的一侧|在河岸边|在画面右上方".split("|")
-    what = ("一位穿着红色外套的女士正在低头看手机|一辆白色的小轿车停在路边|几栋高低错落的居民楼排成一列|一只黄狗趴在台阶上晒太阳|"
-            "一排梧桐树的叶子已经开始泛黄|几个背着书包的学生并肩走着|一座石拱桥横跨在平静的水面上").split("|")
-    more = ("阳光从右上方照下来，在地面上投下清晰的影子|天空中飘着几朵白云，整体色调偏暖|背景略微模糊，隐约可以看到来往的行人和车辆|"
-            "地面是灰色的水泥路面，边缘散落着一些落叶|建筑的外墙贴着浅色的瓷砖，大部分窗户都关着").split("|")
-    return "这张照片展示了一个日常的城市场景。" + "".join(
-        f"{rng.choice(where)}，{rng.choice(what)}。{rng.choice(more)}。" for _ in range(8))
-
-
-def write_data(root: Path, server, seed: int = 0) -> Path:
-    """Two shards under ``root/data/`` (the last one is held out for eval), their images served by ``server``."""
-    from .data.testing import Fault, write_sa1b
-    rng = random.Random(seed)
-    images = [photo(1500, 2250, seed), photo(2250, 1500, seed + 1), photo(1500, 2250, seed + 2)]
+def write_data(root: Path, server) -> Path:
+    """Two shards under ``root/data/`` (the last one is held out for eval), their signed links served by ``server``."""
+    from .data.testing import Fault, dense_caption, photo_jpeg, write_sa1b
+    images = [photo_jpeg(1500, 2250, 0), photo_jpeg(2250, 1500, 1), photo_jpeg(1500, 2250, 2)]
     (root / "data").mkdir(parents=True, exist_ok=True)
     for k, (name, n) in enumerate((("train", TRAIN_ROWS), ("eval", EVAL_ROWS))):
         urls = []
@@ -146,7 +115,7 @@ def write_data(root: Path, server, seed: int = 0) -> Path:
             elif status is None:
                 server.files[path] = images[i % len(images)]
             urls.append(server.url(path) + f"?Expires=1735689600&OSSAccessKeyId=LTAI5t&Signature=s{i:04d}")
-        write_sa1b(root / "data" / f"train-{k:04d}-of-0002.parquet", urls, [long_caption(rng) for _ in urls])
+        write_sa1b(root / "data" / f"train-{k:04d}-of-0002.parquet", urls, [dense_caption(100 * k + i) for i in range(n)])
     (root / "sample.jpg").write_bytes(images[0])
     return root
 
@@ -177,22 +146,7 @@ def _run(title: str, args: list[str], env: dict, cwd: Path, expect: tuple[str, .
 
 
 def _history(out_dir: Path, step: int) -> list[dict]:
-    path = out_dir / "checkpoints" / f"step-{step:06d}" / "train_state.json"
-    return json.loads(path.read_text(encoding="utf-8"))["history"]
-
-
-def _env(root: Path, clip: Path, llm: Path, data: Path) -> dict:
-    """The student's environment switch to the full profile, every path inside ``root`` (no other llava.toml)."""
-    (root / "llava.toml").write_text("# 预演：只用环境变量\n", encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAVA_")}
-    repo = str(Path(__file__).resolve().parents[1])
-    env.update(LLAVA_PROFILE="full", LLAVA_HOME=str(root / "home"), LLAVA_CONFIG=str(root / "llava.toml"),
-               LLAVA_CLIP_PATH=str(clip), LLAVA_LLM_PATH=str(llm), LLAVA_DATA_ROOT=str(data),
-               LLAVA_CACHE_DIR=str(root / "image_cache"), LLAVA_CHECKPOINTS_DIR=str(root / "checkpoints"),
-               PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
-               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", HF_HUB_DISABLE_PROGRESS_BARS="1")  # whole lines, not redrawn bars
-    return env
+    return json.loads((out_dir / "checkpoints" / f"step-{step:06d}" / "train_state.json").read_text("utf-8"))["history"]
 
 
 def rehearse(root: Path) -> dict:
@@ -205,7 +159,15 @@ def rehearse(root: Path) -> dict:
         write_clip(clip)
     with _step("写 Qwen3-0.6B（真实配置与分词器，随机权重，bf16 存盘）", timings):
         write_qwen(llm)
-    env = _env(root, clip, llm, data)
+    # The student's switch to the full profile, every path inside ``root`` (and no llava.toml from elsewhere).
+    (root / "llava.toml").write_text("# 预演：只用环境变量\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAVA_")}
+    env.update(LLAVA_PROFILE="full", LLAVA_HOME=str(root / "home"), LLAVA_CONFIG=str(root / "llava.toml"),
+               LLAVA_CLIP_PATH=str(clip), LLAVA_LLM_PATH=str(llm), LLAVA_DATA_ROOT=str(data),
+               LLAVA_CACHE_DIR=str(root / "image_cache"), LLAVA_CHECKPOINTS_DIR=str(root / "checkpoints"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")])),
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1", HF_HUB_DISABLE_PROGRESS_BARS="1")  # whole lines, not redrawn bars
     with ImageServer() as server:
         with _step(f"写 SA1B-Dense-Caption 分片（2 个，图片由 127.0.0.1:{server.port} 提供）", timings):
             write_data(data, server)
