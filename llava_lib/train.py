@@ -224,6 +224,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     saved = torch.load(path / STATE_TENSORS, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
+    # The saved lr is the next step's on the saved run's schedule; a resume with other max_steps / epochs follows
+    # its own schedule from the first step on (with the same settings this is the same value).
+    for group, base, fn in zip(optimizer.param_groups, getattr(scheduler, "base_lrs", []),
+                               getattr(scheduler, "lr_lambdas", [])):
+        group["lr"] = base * fn(scheduler.last_epoch)
     torch.set_rng_state(saved["rng"]["cpu"])
     if "cuda" in saved["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])

@@ -199,3 +199,30 @@ def test_load_trained_rebuilds_the_projector_the_checkpoint_was_trained_with(min
         assert torch.equal(a, b)
     with pytest.raises(FileNotFoundError, match="projection.json"):
         load_trained(tmp_path, device="cpu")
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(tmp_path):
+    """A run of 2 steps ends its cosine at lr 0; resumed with --max-steps 3, step 3 must use the 3-step schedule's
+    lr, not the 0 saved with the 2-step one (it would silently train nothing). Same settings: the same lr, exactly."""
+    from conftest import tiny_llava
+
+    from llava_lib.train import load_checkpoint, lr_at, make_scheduler, save_checkpoint
+    cfg = TrainConfig.for_profile("mini", max_steps=2)
+
+    def fresh(total):
+        model = tiny_llava(None)
+        opt = torch.optim.AdamW(model.projector.parameters(), lr=cfg.lr)
+        return model, opt, make_scheduler(opt, total, cfg)
+
+    model, opt, sched = fresh(2)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    path = save_checkpoint(tmp_path, model, opt, sched, {"step": 2, "epoch": 0, "batch_in_epoch": 2})
+    _, opt3, sched3 = fresh(3)
+    load_checkpoint(path, model, opt3, sched3)
+    assert opt3.param_groups[0]["lr"] == pytest.approx(lr_at(2, 3, cfg)) and lr_at(2, 3, cfg) > 0
+    _, opt2, sched2 = fresh(2)
+    load_checkpoint(path, model, opt2, sched2)
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
