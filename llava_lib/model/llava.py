@@ -6,6 +6,7 @@ Shapes for the real models (mini world in brackets): pixels [B,3,224,224] -> vis
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -50,6 +51,8 @@ class LlavaStage1(nn.Module):
             self.projector = build_projector(projector_type, vision.hidden_size, llm.config.hidden_size).float()
             self.projector.to(next(llm.parameters()).device)
         self.head_loss = zero_rows_head_loss(self.llm.lm_head)  # None (the general loss) for any real LLM
+        if self.head_loss is not None:
+            live_rows_head(self.llm.lm_head)
 
     # Only the projection ever leaves eval mode; the towers are frozen for good.
     def train(self, mode: bool = True):
@@ -133,6 +136,24 @@ def lean_causal_lm_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.
         logits = lm_head(h[s:s + chunk]).float()
         total = total + F.cross_entropy(logits, y[s:s + chunk], reduction="sum")
     return StepOutput(total / n, n)
+
+
+def _live_rows_forward(lm_head: nn.Module, live: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    w, live = lm_head.weight, live.to(lm_head.weight.device)
+    logits = hidden.new_zeros(*hidden.shape[:-1], w.shape[0])
+    logits[..., live] = F.linear(hidden, w[live])
+    return logits
+
+
+def live_rows_head(lm_head: nn.Module) -> None:
+    """Let a frozen head whose rows are mostly exactly zero (the mini LM's) multiply only its live rows.
+
+    A zero row's logit is exactly 0, and a live row's is the same dot product as in the full product (bit for bit,
+    checked in tests/test_chat.py), so decoding is unchanged. The full 151,936-row product was most of a mini decode
+    step on a CPU (docs/perf_notes.md, Change 7).
+    """
+    live = (lm_head.weight != 0).any(dim=1).nonzero().flatten()
+    lm_head.forward = functools.partial(_live_rows_forward, lm_head, live)
 
 
 def zero_rows_head_loss(lm_head: nn.Module, min_zero_fraction: float = 0.5):
