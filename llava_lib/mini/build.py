@@ -150,8 +150,8 @@ def _train_llm_worker(root: str, spec_json: str) -> None:
     lm_scenes = sc.make_scenes(spec.n_lm_scenes, spec.seed + 2)
     llm = train_llm(qwen_tok, lm_scenes, steps=spec.llm_steps, batch=spec.llm_batch, layers=spec.llm_layers,
                     seed=spec.seed, log=_log)
-    llm.generation_config.eos_token_id = [qwen_tok.convert_tokens_to_ids("<|im_end|>"), qwen_tok.pad_token_id]
-    llm.generation_config.pad_token_id = qwen_tok.pad_token_id
+    from ..chat import QWEN3_GENERATION  # Qwen3-0.6B's generation_config.json: the chat path reads it
+    llm.generation_config.update(**QWEN3_GENERATION)
     llm.save_pretrained(root / "llm")
     qwen_tok.save_pretrained(root / "llm")
     t1 = time.time()

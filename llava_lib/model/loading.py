@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import re
 from contextlib import contextmanager
@@ -75,7 +76,25 @@ def load_llm(path: str | Path, device: torch.device | None = None, dtype: torch.
     _require_complete(info, "Qwen3 模型", path, f"真实模型请重新下载（`{DOWNLOAD_CMDS['llm_path']} --force`），"
                                                f"迷你世界请重建（`{BUILD_MINI_CMD} --force`）。")
     model.to(device).requires_grad_(False).eval()
+    _ensure_chat_settings(model, Path(path))
     return model
+
+
+_SAID_DEFAULTS: set[str] = set()
+
+
+def _ensure_chat_settings(llm, path: Path) -> None:
+    """Qwen3's own generation settings when ``path`` ships none (no ``generation_config.json``, or one without
+    ``do_sample``): ``ChatSession`` builds every reply's settings from ``llm.generation_config``."""
+    file = path / "generation_config.json"
+    if file.exists() and "do_sample" in json.loads(file.read_text(encoding="utf-8")):
+        return
+    from ..chat import QWEN3_GENERATION
+    llm.generation_config.update(**QWEN3_GENERATION)
+    if str(path) not in _SAID_DEFAULTS:
+        _SAID_DEFAULTS.add(str(path))
+        print(f"[llava_lib] {path} 里没有生成设置（generation_config.json 缺失或没有 do_sample），改用 Qwen3 官方的默认值："
+              + "，".join(f"{k}={v}" for k, v in QWEN3_GENERATION.items()))
 
 
 def load_clip(path: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None
