@@ -43,12 +43,14 @@ FAULTS = {("train", 2): 403, ("train", 5): 404, ("train", 9): 403, ("eval", 1): 
 TRAIN_FLAGS = ["--batch-size", "2", "--eval-limit", "2", "--caption-show-n", "0", "--save-every", "1",
                "--max-text-tokens", "32", "--no-tensorboard", "--num-workers", "0", "--no-progress"]
 CHAT_CODE = """import sys
-from llava_lib.chat import ChatSession, GenerationConfig
+from llava_lib.chat import ChatSession
 from llava_lib.config import resolve
 from llava_lib.model.loading import load_trained
 model, tok, meta = load_trained(sys.argv[1], resolve())
-session = ChatSession(model, tok, image=sys.argv[2], generation=GenerationConfig(max_new_tokens=8))
-print("回答：" + repr(session.ask("请描述这张图片。")))
+chat = ChatSession(model, tok, image=sys.argv[2], enable_thinking=True, generation={"max_new_tokens": 8}, seed=0)
+reply, c = chat.ask("请描述这张图片。"), chat.generation_config()
+print(f"生成设置：do_sample={c.do_sample} temperature={c.temperature} top_p={c.top_p} top_k={c.top_k}")
+print(f"回答（结束原因 {chat.finish_reason}）：{reply!r}")
 """
 
 
@@ -190,9 +192,11 @@ def rehearse(root: Path) -> dict:
             or [r["loss"] for r in resumed[:2]] != [r["loss"] for r in first] or not resumed[2]["lr"] > 0):
         raise RehearsalError(f"续训没有接上：关于 Chinese-CLIP 的输出 {clip_lines}；第一次的记录 {first}；续训后的记录 "
                              f"{resumed}（应只有一行“已存在转换好的”，前两步的损失不变，第 3 步的学习率大于 0）")
-    with _step("对话：load_trained(final) + ChatSession，生成 8 个词元", timings):
+    with _step("对话：load_trained(final) + ChatSession（思考模式），生成 8 个词元", timings):
         outputs["chat"] = _run("对话", ["-c", CHAT_CODE, str(out_dir / "final"), str(data / "sample.jpg")], env, root,
-                               (r"回答：",))
+                               (r"do_sample=True temperature=0.6 top_p=0.95 top_k=20", r"回答（结束原因 length）"))
+    if "没有生成设置" in outputs["chat"]:  # the defaults stood in: the model's own generation_config.json was not read
+        raise RehearsalError(f"对话没有使用模型目录中的 generation_config.json：\n{outputs['chat'][-2000:]}")
     return {"timings": timings, "outputs": outputs, "losses": [r["loss"] for r in resumed]}
 
 

@@ -38,7 +38,7 @@ def _check_outputs(outputs, losses):
     assert "本次失败 3 行" in outputs["prepare"] and "[http_404]：1" in outputs["prepare"]
     assert "转换完成" in outputs["train"] and "转换完成" not in outputs["resume"]
     assert "从检查点" in outputs["resume"] and "（第 2 步）" in outputs["resume"]
-    assert "回答：" in outputs["chat"]
+    assert "回答（结束原因 length）" in outputs["chat"] and "temperature=0.6" in outputs["chat"]
     assert len(losses) == 3 and all(math.isfinite(x) and 5 < x < 20 for x in losses)  # ~ln(151936) = 11.9
 
 
