@@ -68,7 +68,7 @@ def bert_vocab() -> list[str]:
     return words + [chr(0x4E00 + i) for i in range(CLIP_TEXT["vocab_size"] - len(words))]
 
 
-def write_clip(dst: Path, seed: int = 0) -> Path:
+def write_clip(dst: Path, seed: int = 0) -> None:
     """A ModelScope-layout Chinese-CLIP directory; the weights come from ModelScope's own ``CLIP`` class."""
     import torch
     from modelscope.models.multi_modal.clip.bert_tokenizer import FullTokenizer
@@ -83,10 +83,9 @@ def write_clip(dst: Path, seed: int = 0) -> Path:
     model = CLIP(**CLIP_VISION, **CLIP_TEXT, tokenizer=FullTokenizer(vocab_file=str(dst / "vocab.txt")))
     # As the hub ships it: a training checkpoint, wrapped, with DDP's ``module.`` prefix.
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, dst / "pytorch_model.bin")
-    return dst
 
 
-def write_qwen(dst: Path, seed: int = 0) -> Path:
+def write_qwen(dst: Path, seed: int = 0) -> None:
     """Qwen3-0.6B's directory with random weights, stored in bf16 as the published ``model.safetensors`` is."""
     import torch
     from transformers import AutoConfig, Qwen3ForCausalLM
@@ -100,10 +99,9 @@ def write_qwen(dst: Path, seed: int = 0) -> Path:
     _json(dst / "config.json", QWEN3_CONFIG)
     _json(dst / "generation_config.json", QWEN3_GENERATION)
     build_qwen_tokenizer(dst)
-    return dst
 
 
-def write_data(root: Path, server) -> Path:
+def write_data(root: Path, server) -> None:
     """Two shards under ``root/data/`` (the last one is held out for eval), their signed links served by ``server``."""
     from .data.testing import Fault, dense_caption, photo_jpeg, write_sa1b
     images = [photo_jpeg(1500, 2250, 0), photo_jpeg(2250, 1500, 1), photo_jpeg(1500, 2250, 2)]
@@ -119,7 +117,6 @@ def write_data(root: Path, server) -> Path:
             urls.append(server.url(path) + f"?Expires=1735689600&OSSAccessKeyId=LTAI5t&Signature=s{i:04d}")
         write_sa1b(root / "data" / f"train-{k:04d}-of-0002.parquet", urls, [dense_caption(100 * k + i) for i in range(n)])
     (root / "sample.jpg").write_bytes(images[0])
-    return root
 
 
 @contextmanager
@@ -155,6 +152,8 @@ def rehearse(root: Path) -> dict:
     """Write everything under ``root``, run the student's commands on it; returns timings, outputs and losses."""
     from .data.testing import ImageServer
     root, timings, outputs = Path(root), [], {}
+    if root.exists() and any(root.iterdir()):  # an earlier run's cache and checkpoints would change every output
+        raise RehearsalError(f"目录 {root} 不为空：请换一个空目录或新目录（预演的各步输出依赖于从零开始）。")
     clip, llm = root / "models" / "multi-modal_clip-vit-base-patch16_zh", root / "models" / "Qwen3-0.6B"
     data, out_dir = root / "SA1B-Dense-Caption", root / "checkpoints" / "stage1-full"
     with _step("写 Chinese-CLIP ViT-B/16（ModelScope 格式，随机权重）", timings):

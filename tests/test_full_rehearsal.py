@@ -126,3 +126,10 @@ def test_vocab_has_bert_specials_at_bert_ids():
     vocab = rh.bert_vocab()
     assert len(vocab) == rh.CLIP_TEXT["vocab_size"] == 21128 and len(set(vocab)) == len(vocab)
     assert [vocab.index(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 100, 101, 102, 103]
+
+
+def test_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "old.txt").write_text("上一次的文件")
+    with pytest.raises(rh.RehearsalError, match="不为空"):
+        rh.rehearse(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["old.txt"]
