@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["MINI_URL_BASE", "BuildSpec", "build", "check", "url_rewrite"]
+# ``build`` and ``check`` are not re-exported: the submodule of the same name would shadow them once imported.
+# Call ``llava_lib.mini.build.build`` / ``.check`` (or ``python -m llava_lib.mini build|check``).
+__all__ = ["MINI_URL_BASE", "BuildSpec", "url_rewrite"]
 
 
 def __getattr__(name: str):
     if name in __all__:
         module = importlib.import_module(".build", __name__)
-        # Loading the submodule ``build`` binds it as this package's attribute ``build``; the function wins.
-        globals().update({n: getattr(module, n) for n in __all__})
-        return globals()[name]
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
