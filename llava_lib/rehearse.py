@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -133,9 +134,13 @@ def _run(title: str, args: list[str], env: dict, cwd: Path, expect: tuple[str, .
     proc = subprocess.Popen([sys.executable, *args], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, encoding="utf-8", errors="replace")
     lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        print(f"    {line}", end="", flush=True)
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            print(f"    {line}", end="", flush=True)
+    finally:  # interrupted: the child must not go on writing into a directory about to be removed
+        if proc.poll() is None:
+            proc.kill()
     out, code = "".join(lines), proc.wait()
     missing = [p for p in expect if not re.search(p, out)]
     if code != 0 or missing:
@@ -208,6 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--dir", type=Path, metavar="目录", help="写在这个目录并保留（不给则用临时目录，结束后删除）；约需 3 GB")
     args = p.parse_args(argv)
     root, t0 = args.dir or Path(tempfile.mkdtemp(prefix="llava-rehearsal-")), time.perf_counter()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a plain kill also runs `finally`: no 3 GB left behind
     try:
         result = rehearse(root)
     except RehearsalError as e:
