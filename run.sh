@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # 课程工作簿的两个入口：
-#   bash run.sh        安装缺少的依赖 → 构建迷你世界 → 在迷你世界上跑完 Stage 1 → 打印结果
-#   bash run.sh test   安装缺少的依赖 → 运行全部测试（单元测试 + 六个笔记本的 nbval + 浏览器测试）
+#   bash run.sh        安装缺少的依赖 → 构建迷你世界 → 在迷你世界上跑完 Stage 1 和 Stage 2 → 打印结果
+#   bash run.sh test   安装缺少的依赖 → 运行全部测试（单元测试 + 七个笔记本的 nbval + 浏览器测试）
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -44,7 +44,8 @@ case "${1:-main}" in
   main)
     ensure_deps
     "$PY" -m llava_lib.mini build
-    "$PY" -m llava_lib.train --profile mini
+    "$PY" -m llava_lib.train --profile mini --out checkpoints/stage1-mini
+    "$PY" -m llava_lib.train --stage 2 --profile mini --stage1 checkpoints/stage1-mini --out checkpoints/stage2-mini
     ;;
   test)
     ensure_deps

@@ -193,6 +193,22 @@ def caption(model, tokenizer, image, prompt: str | None = None, max_new_tokens: 
     return session.ask(prompt or DEFAULT_PROMPT)
 
 
+def answer_turns(model, tokenizer, image, messages: list[dict], max_new_tokens: int = 32) -> list[tuple[str, str]]:
+    """``(generated, reference)`` for each assistant turn of a conversation (the eval of Stage 2), greedy; the
+    reference turns before each answer are its history. The image marker of the first user turn is dropped:
+    the session puts the image back there itself."""
+    session = ChatSession(model, tokenizer, image=image,
+                          generation={"do_sample": False, "max_new_tokens": max_new_tokens})
+    turns = [{**m, "content": m["content"].replace(f"{IMAGE_MARKER}\n", "").replace(IMAGE_MARKER, "")}
+             for m in messages if m["role"] != "system"]
+    out = []
+    for k, m in enumerate(turns):
+        if m["role"] == "assistant" and k > 0 and turns[k - 1]["role"] == "user":
+            session.history = turns[:k - 1]
+            out.append((session.ask(turns[k - 1]["content"]), m["content"]))
+    return out
+
+
 def split_thinking(text: str) -> tuple[str, str]:
     """(thinking, answer) of a reply that may start with ``<think>...</think>``."""
     if "<think>" in text:

@@ -27,6 +27,8 @@ PROFILES = ("mini", "full")
 CLIP_MODEL_ID = "iic/multi-modal_clip-vit-base-patch16_zh"
 LLM_MODEL_ID = "Qwen/Qwen3-0.6B"
 DATASET_ID = "Tongyi-DataEngine/SA1B-Dense-Caption"
+# Stage 2: CogVLM-SFT-311K (ModelScope), whose Chinese part is ~133k single- and multi-turn conversations.
+SFT_DATASET_ID = "ZhipuAI/CogVLM-SFT-311K"
 
 # Commands a student runs to produce each resource; error messages quote them verbatim.
 BUILD_MINI_CMD = "python -m llava_lib.mini build"
@@ -36,6 +38,7 @@ DOWNLOAD_CMDS = {
     "data_root": "python -m llava_lib.download data",
     "eval_data_root": "python -m llava_lib.download data",
     "cache_dir": "python -m llava_lib.data prepare --profile full --limit 100000",
+    "sft_root": "python -m llava_lib.download sft",
 }
 
 ENV_VARS = {
@@ -46,6 +49,7 @@ ENV_VARS = {
     "eval_data_root": "LLAVA_EVAL_DATA_ROOT",
     "cache_dir": "LLAVA_CACHE_DIR",
     "checkpoints_dir": "LLAVA_CHECKPOINTS_DIR",
+    "sft_root": "LLAVA_SFT_ROOT",
 }
 
 _WHAT = {
@@ -55,6 +59,7 @@ _WHAT = {
     "eval_data_root": "验证集数据目录（其中应有 data/*.parquet）",
     "cache_dir": "图片缓存目录",
     "checkpoints_dir": "检查点目录",
+    "sft_root": "Stage 2 对话数据目录（CogVLM-SFT-311K 的格式）",
 }
 
 
@@ -100,6 +105,7 @@ class Paths:
     eval_data_root: Path | None
     cache_dir: Path
     checkpoints_dir: Path
+    sft_root: Path
 
     def describe(self) -> str:
         lines = [f"配置档（profile）: {self.profile}"]
@@ -125,7 +131,7 @@ def _default_paths(profile: str) -> dict:
     if profile == "mini":
         m = home / "mini"
         return dict(clip_path=m / "clip", llm_path=m / "llm", data_root=m / "sa1b", eval_data_root=m / "sa1b_eval",
-                    cache_dir=m / "cache", checkpoints_dir=root_ckpt)
+                    cache_dir=m / "cache", checkpoints_dir=root_ckpt, sft_root=m / "sft")
     return dict(
         clip_path=home / "models" / "chinese-clip-vit-base-patch16",
         llm_path=home / "models" / LLM_MODEL_ID,
@@ -133,6 +139,7 @@ def _default_paths(profile: str) -> dict:
         eval_data_root=None,
         cache_dir=home / "image_cache" / "sa1b",
         checkpoints_dir=root_ckpt,
+        sft_root=home / "datasets" / "CogVLM-SFT-311K",
     )
 
 
@@ -155,10 +162,16 @@ class TrainConfig:
     eval_data_root: str | None = _h("验证集数据目录")
     cache_dir: str | None = _h("图片缓存目录")
     checkpoints_dir: str | None = _h("检查点的根目录")
+    sft_root: str | None = _h("Stage 2 对话数据目录（CogVLM-SFT-311K 的格式）")
+    stage: int = _h("训练阶段：1（只训练投影层）或 2（投影层 + LLM，视觉指令微调）", 1)
+    stage1: str | None = _h("Stage 2 的起点：Stage 1 运行的目录或其 final/（迷你世界不写时先自动训练 Stage 1）")
     # data
     limit: int | None = _h("只用前 N 个训练样本（不写则全部）", 100_000)
     eval_limit: int = _h("验证样本数", 500)
     max_text_tokens: int = _h("文本最大词元数（不含图片的 197 个词元）", 128)
+    instructions: str | None = _h("Stage 1 训练时随机抽取的指令池 '模块:名字'（评估总用固定指令）",
+                                  "llava_lib.process:CAPTION_INSTRUCTIONS")
+    eval_fraction: float = _h("Stage 2 留作验证的对话比例", 0.02)
     group_by_length: bool = _h("把长度相近的样本放进同一批（减少填充）", True)
     num_workers: int = _h("DataLoader 的进程数", 2)
     # optimisation (the original course's defaults)
@@ -170,6 +183,11 @@ class TrainConfig:
     weight_decay: float = _h("权重衰减", 0.0)
     warmup_ratio: float = _h("预热步数占总步数的比例", 0.03)
     min_lr_ratio: float = _h("余弦退火的最低学习率（占峰值的比例）", 0.0)
+    max_grad_norm: float | None = _h("梯度裁剪的范数上限（不写则不裁剪）")
+    train_embeddings: bool = _h("Stage 2 是否也训练 LLM 的词向量表（与之绑定的 LM 头一起）", True)
+    lora: bool = _h("Stage 2 用 LoRA（peft）微调 LLM 的 q/k/v/o，而不是全部参数", False)
+    lora_r: int = _h("LoRA 的秩", 8)
+    lora_alpha: int = _h("LoRA 的缩放系数 alpha", 16)
     # model
     projector_type: str = _h("投影层类型：linear 或 mlp2x_gelu", "linear")
     feature_layer: int = _h("取视觉塔第几层的特征（-1 为最后一层）", -1)
@@ -177,6 +195,7 @@ class TrainConfig:
     accelerate: bool | None = _h("torch.compile 冻结的两个塔（不写：GPU 上开，CPU 上关）")
     head_loss: str = _h("LM 头的损失：auto、lean、fused，或 '模块:工厂函数'", "auto")
     caption_metric: str | None = _h("描述是否正确的判定函数 '模块:函数'（迷你世界自带；不写则不计算准确率）")
+    answer_metric: str | None = _h("Stage 2 回答是否正确的判定函数 '模块:函数'（迷你世界自带）")
     # bookkeeping
     eval_every: int = _h("每隔多少步评估一次（0 为不评估）", 500)
     save_every: int = _h("每隔多少步保存检查点（0 为只在结束时保存）", 500)
@@ -184,6 +203,7 @@ class TrainConfig:
     log_every: int = _h("每隔多少步记录一次", 10)
     caption_eval_n: int = _h("用多少张验证图片计算描述准确率", 0)
     caption_show_n: int = _h("每次评估展示几条生成的描述", 4)
+    answer_eval_n: int = _h("Stage 2 用多少段验证对话计算回答准确率", 0)
     seed: int = _h("随机种子", 42)
     device: str | None = _h("cpu / cuda（不写则自动选择）")
     resume: bool = _h("从输出目录中最后一个检查点继续", False)
@@ -201,12 +221,17 @@ class TrainConfig:
         bad = set(overrides) - names
         if bad:
             raise ConfigError(f"TrainConfig 没有这些设置：{sorted(bad)}")
-        values = dict(PROFILE_DEFAULTS[profile])
+        given = {}
         for source in (file_cfg, file_cfg.get(profile, {})):
-            values.update({k: v for k, v in source.items() if k in names and k != "profile"})
-        values.update({k: os.environ[ENV_VARS[k]] for k in PATH_FIELDS if os.environ.get(ENV_VARS[k])})
-        values.update(overrides)
-        return cls(**{**values, "profile": profile})
+            given.update({k: v for k, v in source.items() if k in names and k != "profile"})
+        given.update({k: os.environ[ENV_VARS[k]] for k in PATH_FIELDS if os.environ.get(ENV_VARS[k])})
+        given.update(overrides)
+        values = dict(PROFILE_DEFAULTS[profile])
+        if int(given.get("stage", 1)) == 2:
+            values.update(STAGE2_DEFAULTS[profile])
+            if given.get("lora"):
+                values.update(lr=STAGE2_LORA_LR)
+        return cls(**{**values, **given, "profile": profile})
 
     @property
     def paths(self) -> Paths:
@@ -222,8 +247,23 @@ PROFILE_DEFAULTS = {
     "mini": dict(limit=None, epochs=10, max_steps=1000, batch_size=16, lr=1e-2, eval_every=250, save_every=250,
                  caption_eval_n=100, eval_limit=200, num_workers=0,
                  head_loss="llava_lib.mini.loss:zero_rows_head_loss",
-                 caption_metric="llava_lib.mini.scenes:caption_is_correct"),
+                 caption_metric="llava_lib.mini.scenes:caption_is_correct",
+                 instructions="llava_lib.mini.corpus:CAPTION_PROMPTS"),
 }
+
+# Stage 2 on top of a profile's settings. full: the original course's train_stage2.py (AdamW 2e-5, batch 4, cosine
+# with 3% warmup, gradient checkpointing, clipping 1.0, 512 text tokens, 2% held out). mini: see docs/ARCHITECTURE.md.
+STAGE2_DEFAULTS = {
+    "full": dict(lr=2e-5, batch_size=4, max_text_tokens=512, gradient_checkpointing=True, max_grad_norm=1.0,
+                 eval_fraction=0.02, limit=None, eval_limit=500, caption_eval_n=0),
+    # mini: the LM's 151,936 x 64 embedding table is 97% of its weights and all but ~130 rows are unused (zero);
+    # training it took most of a step on a CPU and can only add noise to those rows, so it stays frozen here.
+    "mini": dict(lr=2e-3, batch_size=16, max_steps=400, epochs=10, max_grad_norm=1.0, eval_fraction=0.1,
+                 train_embeddings=False,
+                 eval_every=200, save_every=200, caption_eval_n=0, answer_eval_n=100, eval_limit=300,
+                 answer_metric="llava_lib.mini.qa:answer_is_correct"),
+}
+STAGE2_LORA_LR = 2e-4  # the original course's LoRA stage (r=8 on q/k/v/o)
 
 
 # -------------------------------------------------------------------------------------------- the file

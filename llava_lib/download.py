@@ -3,6 +3,7 @@
     python -m llava_lib.download clip   [--dest DIR] [--force]
     python -m llava_lib.download llm    [--dest DIR] [--force]
     python -m llava_lib.download data   [--dest DIR] [--limit-shards N] [--force]
+    python -m llava_lib.download sft    [--dest DIR] [--force]
 
 Thin wrappers over ``modelscope.snapshot_download`` / ``modelscope.dataset_snapshot_download`` (which show their
 own progress bars and skip files already downloaded). What this module adds:
@@ -261,6 +262,63 @@ def download_data(
     return dest
 
 
+def sft_is_complete(path: str | Path) -> bool:
+    """Both Chinese conversation folders of CogVLM-SFT-311K, each with images and labels."""
+    from llava_lib.data.conversations import LABELS_DIR, SFT_SUBSETS
+    path = Path(path)
+    return all((path / s / "images").is_dir() and any((path / s / LABELS_DIR).glob("*.json")) for s in SFT_SUBSETS)
+
+
+def _unpack_archives(dest: Path) -> list[str]:
+    """The hub may ship the folders as archives (zip / tar): unpack each one that is not unpacked yet."""
+    import shutil
+    done = []
+    for archive in sorted(p for p in dest.rglob("*") if p.is_file() and p.suffix in (".zip", ".tar", ".gz", ".tgz")):
+        marker = archive.with_name(f".{archive.name}.unpacked")
+        if marker.exists():
+            continue
+        print(f"正在解压 {archive.name} ……", flush=True)
+        shutil.unpack_archive(str(archive), str(archive.parent))
+        marker.touch()
+        done.append(archive.name)
+    return done
+
+
+def _find_sft_root(dest: Path) -> Path | None:
+    """The folder that holds the conversation subsets (the archive may add a top-level folder)."""
+    for candidate in [dest, *sorted(p for p in dest.rglob("*") if p.is_dir())]:
+        if sft_is_complete(candidate):
+            return candidate
+    return None
+
+
+def download_sft(dest: str | Path | None = None, *, force: bool = False) -> Path:
+    """Download CogVLM-SFT-311K (the Stage 2 conversations) into ``dest`` (default ``resolve("full").sft_root``).
+
+    Returns the folder that holds ``llava_instruction_*_formate/`` (point ``LLAVA_SFT_ROOT`` at it if it is not
+    ``dest`` itself).
+    """
+    given, dest = dest, Path(dest or config.resolve("full").sft_root).expanduser()
+    env, cmd = config.ENV_VARS["sft_root"], _rerun_cmd(config.DOWNLOAD_CMDS["sft_root"], given)
+    found = None if force else _find_sft_root(dest) if dest.exists() else None
+    if found is not None:
+        print(f"CogVLM-SFT-311K 已存在：{found}，无需下载。")
+        return found
+    _announce(" CogVLM-SFT-311K 对话数据", config.SFT_DATASET_ID, dest)
+    _hub_download("dataset", config.SFT_DATASET_ID, dest, "CogVLM-SFT-311K 数据集", env, cmd)
+    _unpack_archives(dest)
+    found = _find_sft_root(dest)
+    if found is None:
+        raise DownloadError(
+            f"下载结束，但 {dest} 中找不到 llava_instruction_single_conversation_formate/ 和 "
+            f"llava_instruction_multi_conversations_formate/（各含 images/ 与 labels_zh/）。\n"
+            f"  数据集的目录结构可能变了：请在 {HUB_URL}/datasets/{config.SFT_DATASET_ID} 查看，"
+            f"再把环境变量 {env} 指向含这两个子目录的文件夹。")
+    if found != dest:
+        print(f"注意：数据在 {found}；请设置环境变量 {env}={found}（或在 llava.toml 里写 sft_root）。")
+    return found
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 
@@ -269,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m llava_lib.download",
         description="从 ModelScope 下载真实模型与数据（full 配置档）。默认保存位置见 llava_lib.config.resolve('full')。",
     )
-    parser.add_argument("what", choices=("clip", "llm", "data"), help="clip: Chinese-CLIP；llm: Qwen3-0.6B；data: SA1B-Dense-Caption")
+    parser.add_argument("what", choices=("clip", "llm", "data", "sft"),
+                        help="clip: Chinese-CLIP；llm: Qwen3-0.6B；data: SA1B-Dense-Caption；sft: CogVLM-SFT-311K（Stage 2）")
     parser.add_argument("--dest", type=Path, default=None, help="保存目录（默认取 full 配置档的路径）")
     parser.add_argument("--limit-shards", type=int, default=DEFAULT_DATA_SHARDS,
                         help=f"只下载前 N 个数据分片（默认 {DEFAULT_DATA_SHARDS}；0 表示全部）；仅用于 data")
@@ -283,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             path = download_clip(args.dest, force=args.force)
         elif args.what == "llm":
             path = download_llm(args.dest, force=args.force)
+        elif args.what == "sft":
+            path = download_sft(args.dest, force=args.force)
         else:
             path = download_data(args.dest, limit_shards=args.limit_shards, force=args.force)
     except (DownloadError, config.MissingResourceError, CheckpointMismatchError, FileExistsError) as e:

@@ -20,6 +20,11 @@ IMAGE_PAD = "<|image_pad|>"
 IMAGE_PAD_ID = 151655
 IGNORE_INDEX = -100
 DEFAULT_PROMPT = "请描述这张图片。"
+# Stage 1 asks for the caption in many words, as the original course did (a random instruction as Q, the caption
+# as A), so the projection does not learn one sentence; evaluation always uses DEFAULT_PROMPT.
+CAPTION_INSTRUCTIONS = (DEFAULT_PROMPT, "这张图片里有什么？", "描述一下图片的内容。", "请简要介绍这张图片。",
+                        "图中是什么场景？", "用一段话描述这幅图像。", "请说说这张照片里的内容。", "看图说话：这张图展示了什么？",
+                        "请详细描述图片中的内容。", "这幅图片描绘了什么？")
 
 # CLIP's normalisation (Chinese-CLIP uses OpenAI CLIP's statistics); the one definition in the package.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -1,8 +1,10 @@
-"""Stage 1 training: only the projection learns; everything else is frozen.
+"""Training. Stage 1: only the projection learns, both towers are frozen. Stage 2 (``stage=2``): visual
+instruction tuning, the projection and the LLM (or LoRA adapters on it) learn from multi-turn conversations,
+starting from a Stage 1 projection; the vision tower stays frozen.
 
 ``train(TrainConfig(...))`` is what the notebook calls; ``llava-train`` (``python -m llava_lib.train``) is the
-same function from a terminal, and under ``torchrun --nproc_per_node N`` it runs DDP (only the projection's
-gradients are reduced; each rank reads its own batches; rank 0 evaluates, logs and saves).
+same function from a terminal, and under ``torchrun --nproc_per_node N`` it runs data-parallel (each rank reads
+its own batches; the gradients are summed over ranks before each step; rank 0 evaluates, logs and saves).
 
 The parts, each public so that a notebook or a benchmark can call it alone:
 ``setup`` (device, model, data, optimizer, schedule) -> ``train_step`` (one AdamW step over ``grad_accum``
@@ -27,7 +29,7 @@ import torch
 
 from . import config as cfg_mod
 from .config import TrainConfig
-from .model.checkpoint import atomic_write_json, load_projection, save_projection
+from .model.checkpoint import atomic_write_json, load_llm_weights, load_projection, save_llm, save_projection
 from .model.llava import lean_causal_lm_loss
 
 __all__ = ["TrainConfig", "TrainingError", "TrainResult", "Run", "setup", "train_step", "evaluate", "train",
@@ -107,33 +109,49 @@ def loss_sum(model, batch, autocast=contextlib.nullcontext) -> tuple[torch.Tenso
     return out.loss * out.n_label_tokens, out.n_label_tokens
 
 
+def _sum_gradients(params: list) -> None:
+    """Sum every gradient over the ranks (what DDP does, written out). DDP's wrapper needs the forward to go
+    through it; ours calls the LLM's body and its head separately, so the gradients are reduced here, after the
+    backward of the step's last batch: one all-reduce per tensor, all in flight at once."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for work in [torch.distributed.all_reduce(p.grad, async_op=True) for p in params]:
+        work.wait()
+
+
 def train_step(model, batches: list[dict], optimizer, scheduler=None, *, autocast=contextlib.nullcontext,
-               world_size: int = 1) -> dict:
-    """One optimizer step over ``batches`` (gradient accumulation); returns ``{"loss", "lr", "n_tokens"}``.
+               max_grad_norm: float | None = None) -> dict:
+    """One optimizer step over ``batches`` (gradient accumulation); returns ``{"loss", "lr", "n_tokens"}``
+    (and ``"grad_norm"`` when clipping).
 
     Every label token weighs the same: each batch's summed loss is divided by the token count of all batches on
-    all ranks. Under DDP the gradients are averaged over ranks, so ``* world_size`` undoes that average; only the
-    last batch synchronises. A non-finite loss raises before the weights change.
+    all ranks, and the gradients are summed over ranks, which gives the gradient of the global mean. A
+    non-finite loss raises before the weights change. ``max_grad_norm`` clips the gradients' total norm.
     """
     n_total = _all_reduce_sum(sum(label_tokens(b) for b in batches), model.device)
-    projector = model.projector
     total = 0.0
-    for k, batch in enumerate(batches):
-        last = k == len(batches) - 1
-        with (projector.no_sync() if hasattr(projector, "no_sync") and not last else contextlib.nullcontext()):
-            s, _ = loss_sum(model, batch, autocast)
-            (s * world_size / max(n_total, 1.0)).backward()
+    for batch in batches:
+        s, _ = loss_sum(model, batch, autocast)
+        (s / max(n_total, 1.0)).backward()
         total += float(s.detach())
     loss = _all_reduce_sum(total, model.device) / max(n_total, 1.0)
     lr = optimizer.param_groups[0]["lr"]
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingError(f"损失是 {loss}（NaN/inf），训练已停止（学习率 {lr:.2e}）。")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    _sum_gradients(params)
+    rec = {"loss": loss, "lr": lr, "n_tokens": int(n_total)}
+    if max_grad_norm:
+        rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()
-    return {"loss": loss, "lr": lr, "n_tokens": int(n_total)}
+    return rec
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -159,6 +177,19 @@ def generate_captions(model, tokenizer, dataset, indices, max_new_tokens: int = 
     model.eval()
     out = [(caption(model, tokenizer, dataset.image(i), max_new_tokens=max_new_tokens), dataset.captions[i])
            for i in indices]
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, dataset, indices, max_new_tokens: int = 32) -> list[tuple[str, str]]:
+    """(generated, reference) for every assistant turn of the given conversations, greedy, with the reference
+    turns before it as the history."""
+    from .chat import answer_turns
+    was_training = model.training
+    model.eval()
+    out = [pair for i in indices
+           for pair in answer_turns(model, tokenizer, dataset.image(i), dataset.conversations[i], max_new_tokens)]
     model.train(was_training)
     return out
 
@@ -196,7 +227,9 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: dict, ke
     name = f"step-{state['step']:06d}"
     final, tmp = ckpt_dir / name, ckpt_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_projection(tmp, _unwrap(model), {"step": state["step"]})
+    save_projection(tmp, _unwrap(model), {**getattr(model, "stage_meta", {}), "step": state["step"]})
+    if model.llm_trainable:
+        save_llm(tmp, model)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                tmp / STATE_TENSORS)
     atomic_write_json(tmp / STATE_JSON, state)
@@ -221,6 +254,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns the JSON state (step, data position, history)."""
     path = Path(path)
     load_projection(path, _unwrap(model))
+    if model.llm_trainable:
+        load_llm_weights(path, model)
     saved = torch.load(path / STATE_TENSORS, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -257,6 +292,42 @@ def _datasets(paths: cfg_mod.Paths, cfg: TrainConfig):
     return train, list(range(n_train)), ev, eval_idx
 
 
+def _sft_datasets(paths: cfg_mod.Paths, cfg: TrainConfig):
+    """Stage 2: the conversations, a fixed held-out share of them, and the text-only eval set (if any)."""
+    from .data.conversations import TEXT_EVAL_FILE, ConversationDataset, read_text_eval, split_indices
+    ds = ConversationDataset(paths.sft_root, how_to_get=cfg_mod.how_to_get(paths, "sft_root"))
+    print(f"[train] {ds.stats.summary()}")
+    train_idx, eval_idx = split_indices(ds.n_with_image, cfg.eval_fraction)
+    train_idx += list(range(ds.n_with_image, len(ds)))  # text-only conversations: training only
+    if cfg.limit is not None:
+        train_idx = train_idx[:cfg.limit]
+    if not train_idx:
+        raise TrainingError(f"Stage 2 训练集为空：{paths.sft_root} 中没有可用的对话。")
+    text = [{"pixel_values": None, "messages": m, "row_id": i, "caption": None}
+            for i, m in enumerate(read_text_eval(Path(paths.sft_root) / TEXT_EVAL_FILE))]
+    return ds, train_idx, ds, eval_idx[:cfg.eval_limit], text
+
+
+def stage1_projection(cfg: TrainConfig) -> Path:
+    """Where Stage 2 starts: ``cfg.stage1`` (a run folder or its ``final/``), else the profile's default Stage 1
+    run; on the mini profile that run is trained first when it does not exist yet."""
+    from .model.checkpoint import META
+    given = Path(cfg.stage1).expanduser() if cfg.stage1 else Path(cfg.paths.checkpoints_dir) / f"stage1-{cfg.profile}"
+    for p in (given, given / "final"):
+        if (p / META).is_file():
+            if json.loads((p / META).read_text(encoding="utf-8")).get("stage", 1) != 1:
+                raise cfg_mod.ConfigError(f"{p} 是 Stage 2 的检查点；--stage1 要指向 Stage 1 的运行。")
+            return p
+    if cfg.stage1 or cfg.profile != "mini" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise cfg_mod.MissingResourceError(
+            f"找不到 Stage 1 的投影层：{given}（应有 {META}，或其中的 final/{META}）。\n  解决办法：先训练 Stage 1"
+            f"（`llava-train --profile {cfg.profile} --out {given}`），或用 --stage1 DIR 指向一次 Stage 1 运行。")
+    print(f"[train] 还没有 Stage 1 的迷你运行：先训练它（{given}），再开始 Stage 2。")
+    train(TrainConfig.for_profile("mini", out_dir=str(given), progress=cfg.progress, tensorboard=cfg.tensorboard,
+                                  device=cfg.device))
+    return given / "final"
+
+
 def _check_passed_model(model, cfg: TrainConfig) -> None:
     """A model handed to ``train`` must be the one the config describes, or the saved config would lie."""
     have = {"projector_type": model.projector_type, "feature_layer": model.vision.feature_layer}
@@ -287,6 +358,12 @@ class Run:
     rank: int = 0
     world_size: int = 1
     caption_metric: object = None
+    answer_metric: object = None
+    text_loader: object = None
+
+    @property
+    def stage(self) -> int:
+        return self.cfg.stage
 
     @property
     def is_main(self) -> bool:
@@ -331,27 +408,43 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     paths = cfg.paths
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(paths.checkpoints_dir) / f"stage1-{cfg.profile}"
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(paths.checkpoints_dir) / f"stage{cfg.stage}-{cfg.profile}"
+    if cfg.stage not in (1, 2):
+        raise cfg_mod.ConfigError(f"stage 只能是 1 或 2，而不是 {cfg.stage}。")
+    parent = stage1_projection(cfg) if cfg.stage == 2 else None
+    if parent is not None:  # Stage 2 continues the Stage 1 projection: same type, same vision layer
+        meta = json.loads((parent / "projection.json").read_text(encoding="utf-8"))
+        cfg = dataclasses.replace(cfg, projector_type=meta["projector_type"], feature_layer=meta["feature_layer"])
     torch.manual_seed(cfg.seed)
     if model is None:
         from .model.loading import build_model
         model, tokenizer = build_model(paths, device=device, projector_type=cfg.projector_type,
-                                       feature_layer=cfg.feature_layer)
+                                       feature_layer=cfg.feature_layer,
+                                       llm_dtype=torch.float32 if parent is not None else None)
     else:
         _check_passed_model(model, cfg)
+    if parent is not None:
+        load_projection(parent, model)
+        model.unfreeze_llm({"r": cfg.lora_r, "alpha": cfg.lora_alpha} if cfg.lora else None, cfg.train_embeddings)
+        model.stage_meta = {"stage": 2, "stage1": str(parent), "lora": cfg.lora}
     model.head_loss = pick_head_loss(cfg.head_loss, model.llm, device)
     if cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.accelerate or (cfg.accelerate is None and device.type == "cuda"):
         from .model.accel import compile_towers
         compile_towers(model)  # measured in benchmarks/train_step.py and docs/perf_notes.md
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # Only the projection is wrapped: its gradients are the only ones, and the only ones reduced.
-        model.projector = DDP(model.projector, device_ids=[device.index] if device.type == "cuda" else None)
+    if world > 1:  # every rank starts from rank 0's trainable weights (LoRA adapters are initialised at random)
+        for p in (p for p in model.parameters() if p.requires_grad):
+            torch.distributed.broadcast(p.data, 0)
 
-    train_ds, train_idx, eval_ds, eval_idx = _datasets(paths, cfg)
+    text = []
+    if cfg.stage == 2:
+        train_ds, train_idx, eval_ds, eval_idx, text = _sft_datasets(paths, cfg)
+    else:
+        train_ds, train_idx, eval_ds, eval_idx = _datasets(paths, cfg)
     collate = make_collate(tokenizer, model.num_image_tokens, cfg.max_text_tokens)
+    pool = load_hook(cfg.instructions) if cfg.instructions and cfg.stage == 1 else None
+    train_collate = make_collate(tokenizer, model.num_image_tokens, cfg.max_text_tokens, prompts=pool)
     sampler = LengthGroupedSampler([int(train_ds.lengths[i]) for i in train_idx], cfg.batch_size, seed=cfg.seed,
                                    group_by_length=cfg.group_by_length, rank=rank, world_size=world,
                                    drop_last=world > 1)
@@ -363,11 +456,13 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         raise TrainingError(f"没有可训练的步数：每轮 {steps_per_epoch} 步。请减小 batch_size 或 grad_accum。")
     eval_loader = DataLoader(Subset(eval_ds, eval_idx), batch_size=cfg.batch_size, collate_fn=collate,
                              num_workers=cfg.num_workers)
-    optimizer = torch.optim.AdamW(_unwrap(model.projector).parameters(), lr=cfg.lr,
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    text_loader = DataLoader(text, batch_size=cfg.batch_size, collate_fn=collate) if text else None
     return Run(cfg, device, model, tokenizer, optimizer, make_scheduler(optimizer, total, cfg), sampler,
-               Subset(train_ds, train_idx), collate, eval_loader, eval_ds, eval_idx, total, out_dir, rank, world,
-               load_hook(cfg.caption_metric) if cfg.caption_metric else None)
+               Subset(train_ds, train_idx), train_collate, eval_loader, eval_ds, eval_idx, total, out_dir, rank,
+               world, load_hook(cfg.caption_metric) if cfg.caption_metric and cfg.stage == 1 else None,
+               load_hook(cfg.answer_metric) if cfg.answer_metric and cfg.stage == 2 else None, text_loader)
 
 
 # ------------------------------------------------------------------------------------------- logging
@@ -380,7 +475,7 @@ class _Logger:
         if run.is_main and run.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run.out_dir / "tensorboard"))
-        self.bar = tqdm(total=run.total_steps, initial=initial, desc="Stage 1 训练", dynamic_ncols=True,
+        self.bar = tqdm(total=run.total_steps, initial=initial, desc=f"Stage {run.stage} 训练", dynamic_ncols=True,
                         disable=not (run.is_main and run.cfg.progress))
 
     def step(self, rec: dict) -> None:
@@ -414,18 +509,31 @@ def run_eval(run: Run, step: int, log: _Logger, tag: str = "") -> dict:
     rec = {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
     show = run.eval_idx[:run.cfg.caption_show_n]
     if run.is_main and show:
-        rec["captions"] = generate_captions(run.model, run.tokenizer, run.eval_ds, show)
+        generate = generate_captions if run.stage == 1 else generate_answers
+        rec["captions"] = generate(run.model, run.tokenizer, run.eval_ds, show)
     log.eval(rec, tag)
     return rec
 
 
-def measure_captions(run: Run, metrics: dict, when: str) -> None:
-    """``caption_accuracy_<when>`` on the first ``caption_eval_n`` eval images, when the profile has a metric."""
-    idx = run.eval_idx[:run.cfg.caption_eval_n]
-    if run.is_main and idx and run.caption_metric is not None:
-        pairs = generate_captions(run.model, run.tokenizer, run.eval_ds, idx)
-        metrics[f"caption_accuracy_{when}"] = caption_accuracy(pairs, run.caption_metric)
-        print(f"[train] {'训练前' if when == 'before' else '训练后'}描述准确率：{metrics[f'caption_accuracy_{when}']:.2%}")
+def measure_quality(run: Run, metrics: dict, when: str) -> None:
+    """``caption_accuracy_<when>`` (Stage 1, first ``caption_eval_n`` eval images) or ``answer_accuracy_<when>``
+    (Stage 2, every answer of the first ``answer_eval_n`` eval conversations) when the profile has a metric, and
+    in Stage 2 ``text_only_loss_<when>`` when there is a text-only eval set."""
+    if run.text_loader is not None:
+        loss = evaluate(run.model, run.text_loader, run.autocast)
+        if run.is_main:
+            metrics[f"text_only_loss_{when}"] = loss
+            print(f"[train] {'训练前' if when == 'before' else '训练后'}纯文本对话的损失：{loss:.4f}")
+    if run.stage == 1:
+        n, metric, generate, name, label = (run.cfg.caption_eval_n, run.caption_metric, generate_captions,
+                                            "caption_accuracy", "描述准确率")
+    else:
+        n, metric, generate, name, label = (run.cfg.answer_eval_n, run.answer_metric, generate_answers,
+                                            "answer_accuracy", "回答准确率")
+    idx = run.eval_idx[:n]
+    if run.is_main and idx and metric is not None:
+        metrics[f"{name}_{when}"] = caption_accuracy(generate(run.model, run.tokenizer, run.eval_ds, idx), metric)
+        print(f"[train] {'训练前' if when == 'before' else '训练后'}{label}：{metrics[f'{name}_{when}']:.2%}")
 
 
 def _finish(run: Run, state: dict, log: _Logger, seconds: float, samples: int, data_wait: float) -> None:
@@ -435,15 +543,18 @@ def _finish(run: Run, state: dict, log: _Logger, seconds: float, samples: int, d
         return
     metrics = state["metrics"]
     metrics["eval_loss_after"] = final["eval_loss"]
-    measure_captions(run, metrics, "after")
+    measure_quality(run, metrics, "after")
     metrics.update(steps=state["step"], train_samples_per_s=samples / max(seconds, 1e-9),
                    data_wait_fraction=data_wait / max(seconds, 1e-9), wall_seconds=seconds,
                    world_size=run.world_size, device=str(run.device),
                    attention=_unwrap(run.model).llm.config._attn_implementation,
                    eval_ppl_before=math.exp(min(metrics.get("eval_loss_before", 50), 50)),
                    eval_ppl_after=final["eval_ppl"])
-    save_projection(run.out_dir / "final", _unwrap(run.model), {"step": state["step"]})
     save_checkpoint(run.ckpt_dir, run.model, run.optimizer, run.scheduler, state, run.cfg.keep_last)
+    save_projection(run.out_dir / "final", _unwrap(run.model),
+                    {**getattr(run.model, "stage_meta", {}), "step": state["step"]})
+    if run.model.llm_trainable:  # the whole LLM (LoRA merged in), loadable with Qwen3ForCausalLM.from_pretrained
+        save_llm(run.out_dir / "final", run.model, run.tokenizer, merge_lora=True)
     atomic_write_json(run.out_dir / "metrics.json", metrics)
     atomic_write_json(run.out_dir / "config.json", dataclasses.asdict(run.cfg))
 
@@ -461,7 +572,8 @@ def _resume_or_start(run: Run) -> dict:
 
 # ---------------------------------------------------------------------------------------------- train
 def train(config: TrainConfig | None = None, on_log=None, model=None, tokenizer=None) -> TrainResult:
-    """Run Stage 1. ``on_log(history)`` is called after every logged step (the notebook's live plot).
+    """Run Stage 1 or 2 (``config.stage``). ``on_log(history)`` is called after every logged step (the
+    notebook's live plot).
 
     Ctrl-C (KeyboardInterrupt) saves a checkpoint and returns what was trained so far.
     """
@@ -473,7 +585,7 @@ def train(config: TrainConfig | None = None, on_log=None, model=None, tokenizer=
     log = _Logger(run, state["step"])
     if state["step"] == 0:
         state["metrics"]["eval_loss_before"] = run_eval(run, 0, log, "训练前 ")["eval_loss"]
-        measure_captions(run, state["metrics"], "before")
+        measure_quality(run, state["metrics"], "before")
     run.model.train()
     batches = run.batches(state)
     t_start, samples, data_wait, interrupted = time.time(), 0, 0.0, False
@@ -484,7 +596,7 @@ def train(config: TrainConfig | None = None, on_log=None, model=None, tokenizer=
             data_wait += time.time() - t0
             try:
                 rec = train_step(run.model, micro, run.optimizer, run.scheduler, autocast=run.autocast,
-                                 world_size=run.world_size)
+                                 max_grad_norm=cfg.max_grad_norm)
             except TrainingError as e:
                 raise TrainingError(f"第 {state['step']} 步：{e} 最后一个完好的检查点："
                                     f"{latest_checkpoint(run.out_dir) or '（尚无）'}。可以降低学习率（lr，当前 "
@@ -520,7 +632,6 @@ def train(config: TrainConfig | None = None, on_log=None, model=None, tokenizer=
     log.close()
     if run.world_size > 1:
         torch.distributed.barrier()
-        run.model.projector = _unwrap(run.model.projector)
     return TrainResult(run.out_dir, state["history"], state["metrics"], interrupted)
 
 
@@ -536,7 +647,8 @@ def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
 # ---------------------------------------------------------------------------------------------- CLI
 def _parser():
     import argparse
-    p = argparse.ArgumentParser(prog="llava-train", description="LLaVA Stage 1 训练：只训练投影层，视觉塔与 LLM 冻结。"
+    p = argparse.ArgumentParser(prog="llava-train", description="LLaVA 训练。Stage 1（默认）：只训练投影层，视觉塔与 LLM "
+                                "冻结；Stage 2（--stage 2）：从 Stage 1 的投影层出发，用多轮图文对话训练投影层和 LLM（或 --lora）。"
                                 "每个选项都对应 TrainConfig 的一个字段；不写的选项取配置档（--profile）的默认值。")
     p.add_argument("--out", dest="out_dir", default=None, help="输出目录（同 --out-dir）")
     cfg_mod.add_config_flags(p)

@@ -168,22 +168,31 @@ def collate_images(samples: Sequence) -> dict:
 
 
 def make_collate(tokenizer, n_image_tokens: int = process.num_image_tokens(), max_text_tokens: int | None = 128,
-                 prompt: str = process.DEFAULT_PROMPT):
+                 prompt: str = process.DEFAULT_PROMPT, prompts: Sequence[str] | None = None):
     """A DataLoader ``collate_fn``: :func:`llava_lib.process.collate` on the good samples, plus bookkeeping.
 
     The batch has ``input_ids``, ``attention_mask``, ``labels``, ``pixel_values`` (from ``process.collate``),
     ``row_ids``, ``captions`` and ``skipped``. If every sample of a batch was skipped, the tensors are empty
     (``input_ids.shape == (0, 0)``) and ``pixel_values`` is None: a training loop skips such a batch.
+
+    ``prompts``: a pool of instructions for caption samples; each sample gets the one its ``row_id`` picks (the
+    same on every epoch and after a resume), instead of ``prompt``. Samples with ``messages`` keep theirs.
     """
+    def with_prompt(s: dict) -> dict:
+        if s.get("messages") or not prompts:
+            return s
+        return {**s, "messages": process.caption_conversation(s["caption"], prompts[s["row_id"] % len(prompts)])}
+
     def collate_fn(samples: Sequence) -> dict:
         good, skipped = _split(samples)
+        good = [with_prompt(s) for s in good]
         if good:
             batch = process.collate(tokenizer, good, n_image_tokens, max_text_tokens, prompt)
         else:
             empty = torch.zeros((0, 0), dtype=torch.long)
             batch = {"input_ids": empty, "attention_mask": empty.clone(), "labels": empty.clone(),
                      "pixel_values": None}
-        batch.update(row_ids=[s["row_id"] for s in good], captions=[s["caption"] for s in good], skipped=skipped)
+        batch.update(row_ids=[s["row_id"] for s in good], captions=[s.get("caption") for s in good], skipped=skipped)
         return batch
 
     return collate_fn

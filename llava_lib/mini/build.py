@@ -127,6 +127,7 @@ def build(root: Path | None = None, spec: BuildSpec = BuildSpec(), force: bool =
 def _build_locked(root: Path, spec: BuildSpec, force: bool) -> dict:
     if not force and _manifest_ok(root, spec):
         _log(f"迷你世界已存在，直接复用：{root}")
+        _ensure_sft(root, spec, force)
         return json.loads((root / "build.json").read_text(encoding="utf-8"))
     t0 = time.time()
     # One thread in each of the two training processes (the course's smallest machine has two cores): the same
@@ -134,9 +135,20 @@ def _build_locked(root: Path, spec: BuildSpec, force: bool) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _build_steps(root, spec, t0)
+        meta = _build_steps(root, spec, t0)
     finally:
         torch.set_num_threads(threads)
+    _ensure_sft(root, spec, True)
+    return meta
+
+
+def _ensure_sft(root: Path, spec: BuildSpec, force: bool) -> None:
+    """The Stage 2 question-and-answer corpus (a second or two to write; also added to an older build)."""
+    from .qa import write_corpus
+    if force or not (root / "sft").is_dir():
+        t0 = time.time()
+        write_corpus(root / "sft", spec.seed)
+        _log(f"Stage 2 问答语料已写入 {root / 'sft'}（{time.time() - t0:.1f} 秒）")
 
 
 def _train_llm_worker(root: str, spec_json: str) -> None:

@@ -1,4 +1,6 @@
-"""Projection checkpoints: safetensors weights + a JSON description, written atomically (no pickle)."""
+"""Checkpoints: the projection (safetensors + a JSON description, written atomically, no pickle) and, in Stage 2,
+the LLM beside it (``llm/`` through ``save_pretrained``, so ``Qwen3ForCausalLM.from_pretrained`` loads it; with
+LoRA the adapters in ``llm_lora/`` while training and the merged LLM in the final folder)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 WEIGHTS = "projection.safetensors"
 META = "projection.json"
+LLM_DIR, LORA_DIR = "llm", "llm_lora"
 FORMAT = 1
 
 
@@ -100,7 +103,7 @@ def list_runs(checkpoints_dir: str | Path) -> list[dict]:
     """Trained runs under ``checkpoints_dir`` (``llava-train`` and notebook runs alike), newest first.
 
     A run is a folder with ``final/projection.json``. Each entry: ``name``, ``dir``, ``projection`` (the folder to
-    load), ``profile``, ``steps``, ``modified`` (seconds since the epoch), ``metrics`` (``metrics.json`` or ``{}``).
+    load), ``profile``, ``steps``, ``stage`` (1 or 2), ``modified`` (seconds since the epoch), ``metrics`` (``metrics.json`` or ``{}``).
     """
     runs = []
     for meta_file in Path(checkpoints_dir).glob(f"*/final/{META}"):
@@ -108,7 +111,7 @@ def list_runs(checkpoints_dir: str | Path) -> list[dict]:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         cfg = _read_json(run_dir / "config.json")
         runs.append({"name": run_dir.name, "dir": run_dir, "projection": meta_file.parent,
-                     "profile": cfg.get("profile"), "steps": meta.get("step"),
+                     "profile": cfg.get("profile"), "steps": meta.get("step"), "stage": meta.get("stage", 1),
                      "modified": (meta_file.parent / WEIGHTS).stat().st_mtime if (meta_file.parent / WEIGHTS).exists()
                      else meta_file.stat().st_mtime,
                      "metrics": _read_json(run_dir / "metrics.json")})
@@ -120,3 +123,44 @@ def _read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+
+
+def save_llm(directory: str | Path, model, tokenizer=None, merge_lora: bool = False) -> None:
+    """The Stage 2 LLM into ``directory``: ``llm/`` (full weights, safetensors) or ``llm_lora/`` (adapters only).
+
+    ``merge_lora``: fold the adapters into the weights first and write ``llm/`` (the final model; the live model
+    keeps the merged weights and no adapters). ``tokenizer`` is saved beside the weights so that ``llm/`` is a
+    complete Qwen3 directory.
+    """
+    directory = Path(directory)
+    if model.peft is not None and not merge_lora:
+        model.peft.save_pretrained(str(directory / LORA_DIR))
+        return
+    if model.peft is not None:
+        model.llm = model.peft.merge_and_unload()
+        model.peft = None
+    model.llm.save_pretrained(str(directory / LLM_DIR))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory / LLM_DIR))
+
+
+def load_llm_weights(directory: str | Path, model) -> None:
+    """Put the LLM weights that :func:`save_llm` wrote back into ``model`` (for an exact resume)."""
+    directory = Path(directory)
+    if (directory / LORA_DIR).is_dir():
+        from peft import set_peft_model_state_dict
+        if model.peft is None:
+            raise CheckpointMismatchError(f"{directory} 保存的是 LoRA 适配器，但当前模型没有开启 LoRA（lora=True）。")
+        set_peft_model_state_dict(model.peft, load_file(str(directory / LORA_DIR / "adapter_model.safetensors")))
+        return
+    files = sorted((directory / LLM_DIR).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"在 {directory} 中找不到 Stage 2 的 LLM 权重（{LLM_DIR}/*.safetensors 或 {LORA_DIR}/）。")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.llm.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.llm.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise CheckpointMismatchError(f"{directory / LLM_DIR} 与当前 LLM 对不上：缺少 {sorted(set(missing) - tied)[:5]}，"
+                                      f"多余 {sorted(unexpected)[:5]}。")

@@ -1,4 +1,4 @@
-"""LLaVA Stage 1: frozen vision tower -> trainable projection -> frozen Qwen3.
+"""LLaVA: frozen vision tower -> trainable projection -> Qwen3 (frozen in Stage 1, trained in Stage 2).
 
 Shapes for the real models (mini world in brackets): pixels [B,3,224,224] -> vision [B,197,768 (64)]
 -> projection [B,197,1024 (64)] -> written at the 197 ``<|image_pad|>`` positions of the input embeddings
@@ -49,12 +49,35 @@ class LlavaStage1(nn.Module):
         # ``head_loss(lm_head, hidden, labels, chunk) -> StepOutput``: how the loss over the LM head is computed.
         # Every choice gives the same value; they differ in memory and speed (see ``train.pick_head_loss``).
         self.head_loss = head_loss or lean_causal_lm_loss
+        self.llm_trainable = False
+        self.peft = None  # the peft wrapper when Stage 2 trains LoRA adapters (its weights live inside self.llm)
 
-    # Only the projection ever leaves eval mode; the towers are frozen for good.
+    def unfreeze_llm(self, lora: dict | None = None, train_embeddings: bool = True) -> None:
+        """Stage 2: the LLM learns too, all of it, or only LoRA adapters on attention (``lora``: r, alpha).
+        ``train_embeddings=False`` keeps the token embeddings (and a head tied to them) frozen.
+
+        With LoRA the adapters are put into ``self.llm`` in place (peft's wrapper is kept in ``self.peft`` for
+        saving and merging), so the forward below, which calls the LLM's body and head separately, is unchanged.
+        """
+        if lora:
+            from peft import LoraConfig, get_peft_model
+            config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.05,
+                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+            self.peft = get_peft_model(self.llm, config)
+        else:
+            self.llm.requires_grad_(True)
+            if not train_embeddings:
+                self.llm.get_input_embeddings().requires_grad_(False)
+                self.llm.get_output_embeddings().requires_grad_(False)
+        self.llm_trainable = True
+
+    # The vision tower never leaves eval mode; the LLM only in Stage 2 (gradient checkpointing acts in train mode).
     def train(self, mode: bool = True):
         self.training = mode
         if self.projector is not None:
             self.projector.train(mode)
+        if self.llm_trainable:
+            self.llm.train(mode)
         return self
 
     @property

@@ -148,16 +148,18 @@ def load_vision_tower(path: str | Path, device: torch.device | None = None, dtyp
 
 def build_model(paths: Paths | None = None, device: torch.device | str | None = None,
                 projector_type: str = "linear", feature_layer: int = -1, dtype: torch.dtype | None = None,
-                with_vision: bool = True):
+                with_vision: bool = True, llm_dir: str | Path | None = None, llm_dtype: torch.dtype | None = None):
     """Load the towers for ``paths`` (default: the resolved profile) and put a fresh projection between them.
 
+    ``llm_dir`` replaces ``paths.llm_path`` (a Stage 2 model's own LLM); ``llm_dtype`` replaces ``dtype`` for the
+    LLM (Stage 2 trains it in fp32 under bf16 autocast: AdamW's small updates would vanish in bf16 weights).
     Returns ``(model, tokenizer)``. Prints which attention backend was chosen, so the user sees it.
     """
     paths = paths or resolve()
     device = torch.device(device) if device is not None else default_device()
-    llm_dir = check_path(paths, "llm_path")
+    llm_dir = Path(llm_dir) if llm_dir is not None else check_path(paths, "llm_path")
     tokenizer = load_tokenizer(llm_dir)
-    llm = load_llm(llm_dir, device, dtype)
+    llm = load_llm(llm_dir, device, llm_dtype or dtype)
     vision = None
     if with_vision:
         vision = load_vision_tower(check_path(paths, "clip_path"), device, dtype, feature_layer)
@@ -168,8 +170,9 @@ def build_model(paths: Paths | None = None, device: torch.device | str | None = 
 
 
 def load_trained(directory: str | Path, paths: Paths | None = None, device: torch.device | str | None = None):
-    """The model a projection checkpoint was trained for: towers from ``paths``, the projection's type and vision
-    layer from its ``projection.json``, then its weights (checked to fit). Returns ``(model, tokenizer, meta)``."""
+    """The model a checkpoint was trained for: towers from ``paths`` (a Stage 2 checkpoint brings its own LLM in
+    ``llm/``), the projection's type and vision layer from its ``projection.json``, then its weights (checked to
+    fit). Returns ``(model, tokenizer, meta)``."""
     import json
 
     from .checkpoint import META, load_projection
@@ -178,8 +181,12 @@ def load_trained(directory: str | Path, paths: Paths | None = None, device: torc
         raise FileNotFoundError(f"在 {directory} 中找不到 {META}：这不是一个训练好的投影层目录（应是某次运行的 final/ 或 "
                                 f"checkpoints/step-N/）。")
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    llm_dir = Path(directory) / "llm" if meta.get("stage", 1) == 2 else None
+    if llm_dir is not None and not (llm_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} 是 Stage 2 的检查点，但其中没有 llm/（训练结束时写入的完整 LLM）。"
+                                f"请加载该运行的 final/ 目录。")
     model, tokenizer = build_model(paths, device=device, projector_type=meta["projector_type"],
-                                   feature_layer=meta["feature_layer"])
+                                   feature_layer=meta["feature_layer"], llm_dir=llm_dir)
     return model, tokenizer, load_projection(directory, model)
 
 
