@@ -26,7 +26,7 @@ from ..model.checkpoint import atomic_write_json
 from ..process import encode_conversation
 from . import scenes as sc
 
-BUILD_VERSION = 10  # bump when the builder's output changes, so old caches are rebuilt
+BUILD_VERSION = 11  # bump when the builder's output changes, so old caches are rebuilt
 MINI_URL_BASE = "http://127.0.0.1:18765/"
 CLIP_GALLERY = 10    # also reported: text -> image top-1 within galleries of 10 held-out images (chance: 0.1)
 TOP1_MIN = 0.9        # the build is good when CLIP top-1 among all held-out images reaches this ...
