@@ -13,7 +13,9 @@ ensure_deps() {
     "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q torch
   fi
   # 也检查 llava_lib 是不是“这一份”代码：笔记本的内核在 notebooks/ 里启动，靠的是可编辑安装指向这里。
-  if ! (cd / && "$PY" -c "import llava_lib, nbval, transformers, modelscope, playwright, sys, os; \
+  # urllib3 要 2.6.3 以上（下载重试用到 Retry 的 retry_after_max 参数）。
+  if ! (cd / && "$PY" -c "import llava_lib, nbval, nbstripout, filelock, transformers, modelscope, playwright, sys, os; \
+        from urllib3.util import Retry; Retry(retry_after_max=1); \
         sys.exit(os.path.dirname(os.path.dirname(os.path.realpath(llava_lib.__file__))) != os.path.realpath('$PWD'))") \
         2>/dev/null; then
     echo "[run.sh] 安装本项目及其依赖（pip install -e .[dev]）..."
@@ -29,6 +31,15 @@ ensure_chromium() {
   fi
 }
 
+ensure_cjk_font() {
+  # 浏览器测试的截图里有中文：没有中文字体时 chromium 会把字画成方框。
+  if ! fc-list :lang=zh 2>/dev/null | grep -q . && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[run.sh] 安装中文字体 fonts-wqy-microhei（浏览器测试的截图需要）..."
+    apt-get install -y -q fonts-wqy-microhei >/dev/null 2>&1 \
+      || (apt-get update -q >/dev/null && apt-get install -y -q fonts-wqy-microhei >/dev/null) || true
+  fi
+}
+
 case "${1:-main}" in
   main)
     ensure_deps
@@ -38,6 +49,7 @@ case "${1:-main}" in
   test)
     ensure_deps
     ensure_chromium
+    ensure_cjk_font
     "$PY" -m llava_lib.mini build
     "$PY" -m pytest -q --nbval-lax tests notebooks
     ;;

@@ -11,14 +11,14 @@ chat-template token ids (benchmarks/common.py); captions of 40-128 text tokens p
     embeddings concatenated per sample ``[text before | projected image | text after]``, full-vocabulary logits at
     every position through ``llm(inputs_embeds=..., labels=...)``, gradient checkpointing on, batch 16, batches in
     random order (no length grouping), AdamW on the projection.
-(b) project — exactly the step of ``llava_lib.train.train()``: ``_batch_loss_sum`` (``LlavaStage1.forward`` under
+(b) project — exactly the step of ``llava_lib.train.train()``: ``loss_sum`` (``LlavaStage1.forward`` under
     train.py's autocast), ``backward``, AdamW on the projection; frozen towers in bf16 (``loading.default_dtype``),
     length-grouped batches; at each batch size of ``--batch-sizes`` until out of memory.
 
 The ladder between them, each rung one change (same batch size, same batches): L0 train()'s step as it was before
 issue 7 (padding mask kept, a KV cache built in the training forward) -> L1 no KV cache -> L2 no redundant mask
 (= train() now; also timed on batches in random order, to show what length grouping buys) -> L3 fused head loss
--> L4 regional ``torch.compile`` (``accel.accelerate_training``). Before timing, (a) and every (b) variant compute the loss and
+-> L4 regional ``torch.compile`` (``accel.compile_towers``, as ``train.setup`` does on CUDA). Before timing, (a) and every (b) variant compute the loss and
 the projection's gradient on the same batch; the losses must agree to ``--rtol`` (bf16). Before a variant is
 timed, every batch it times has run once (``--warm-shapes``): cuDNN attention builds a plan per new shape.
 Prints samples/s, useful TFLOP/s (common.FLOP_FORMULA), % of a bf16 matmul measured in the same run, peak memory,
@@ -27,6 +27,7 @@ and the ratio to (a). Exit status 1 when a loss check fails (the JSON is written
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 import time
@@ -40,7 +41,8 @@ import torch  # noqa: E402
 
 from llava_lib.model import LlavaStage1, VisionTower, accel  # noqa: E402
 from llava_lib.process import IMAGE_PAD_ID  # noqa: E402
-from llava_lib.train import _autocast, _batch_loss_sum, _label_tokens  # noqa: E402
+from llava_lib.model.llava import lean_causal_lm_loss  # noqa: E402
+from llava_lib.train import loss_sum, train_step  # noqa: E402
 
 
 class Textbook:
@@ -75,24 +77,11 @@ class Textbook:
         return float(loss.detach())
 
 
-def project_step(model, optimizer, device, autocast):
-    """One optimisation step exactly as train() does it (grad_accum=1, one process)."""
-    def step(batch) -> float:
-        n_total = float(_label_tokens(batch))
-        loss_sum, _ = _batch_loss_sum(model, batch, device, autocast)
-        (loss_sum / max(n_total, 1.0)).backward()
-        value = float(loss_sum.detach()) / max(n_total, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return value
-    return step
-
-
 def configure(model, *, keep_mask: bool = False, fused: bool = False, kv_cache: bool = False) -> None:
     """Switch the project's step between its states. ``kv_cache`` and ``keep_mask`` give the step as it was before
     issue 7 (its forward let the config's ``use_cache=True`` build a KV cache and kept the padding mask)."""
     model.drop_redundant_mask = not keep_mask
-    model.head_loss = accel.fused_lean_causal_lm_loss if fused else None
+    model.head_loss = accel.fused_lean_causal_lm_loss if fused else lean_causal_lm_loss
     body = model.llm.model
     if kv_cache:
         forward = type(body).forward.__get__(body)
@@ -242,7 +231,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     model = LlavaStage1(VisionTower(vm), llm)
     llm_cfg, vis_cfg = llm.config, vm.config
-    autocast = _autocast(device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     res["models"] = {"source": getattr(llm32, "source", "?"), "frozen_dtype": str(dtype).replace("torch.", ""),
                      "textbook_dtype": "float32 weights, bf16 autocast" if device.type == "cuda" else "float32",
                      "attention": llm.config._attn_implementation, "llm_matmul_params": C.llm_matmul_params(llm_cfg),
@@ -250,7 +239,8 @@ def main(argv=None) -> int:
     n_img = model.num_image_tokens
     tb = Textbook(vm32, llm32, copy.deepcopy(model.projector), device, autocast)
     optimizer = torch.optim.AdamW(list(model.projector.parameters()), lr=2e-3, weight_decay=0.0)
-    step = project_step(model, optimizer, device, autocast)
+    def step(batch) -> float:  # exactly train()'s step (grad_accum=1, one process)
+        return train_step(model, [batch], optimizer, autocast=autocast)["loss"]
     model.train()
 
     peak = C.peak_matmul_tflops(device)
@@ -268,8 +258,8 @@ def main(argv=None) -> int:
             return tb.loss(check_batch)
 
     def proj_loss():
-        loss_sum, n = _batch_loss_sum(model, check_batch, device, autocast)
-        return loss_sum / n
+        total, n = loss_sum(model, check_batch, autocast)
+        return total / n
 
     loss_a, grad_a = loss_and_grad(tb_loss, list(tb.proj.parameters()))
     proj0 = {k: v.detach().clone() for k, v in model.projector.state_dict().items()}  # the weights (a) saw

@@ -229,7 +229,7 @@ def download_data(
     """Download the first ``limit_shards`` parquet shards of SA1B-Dense-Caption (0 = all) into ``dest/data/``.
 
     ``dest`` defaults to ``config.resolve("full").data_root``. The shards hold image URLs and captions only;
-    images are fetched later by ``python -m llava_lib.data prepare``.
+    images are fetched later by ``python -m llava_lib.data prepare --profile full --limit 100000``.
     """
     given, dest = dest, Path(dest or config.resolve("full").data_root).expanduser()
     extra = () if limit_shards == DEFAULT_DATA_SHARDS else (f"--limit-shards {limit_shards}",)

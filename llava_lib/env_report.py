@@ -1,14 +1,12 @@
 """The environment report of ``00_environment``: Python, PyTorch, CUDA, GPUs, flash-attention, disk space.
 
-Everything here only reads the machine (nothing is downloaded or installed). :func:`flash_attn_wheel` computes
-the name of the prebuilt flash-attn wheel that matches this torch / CUDA / Python / C++ ABI, following the
-release naming of flash-attn 2.8.3 (its ``setup.py``, ``get_wheel_url``)::
+Everything here only reads the machine (nothing is downloaded or installed). :func:`flash_attn_wheel` names the
+prebuilt flash-attn 2.8.3 wheel for this Python / torch / CUDA / C++ ABI / platform, and only when the release
+really has one; otherwise :func:`flash_attn_advice` says so and that PyTorch's SDPA attention is used, which is
+fine for this course. The release's wheels are named (``get_wheel_url`` in flash-attn's ``setup.py``)::
 
     flash_attn-2.8.3+cu12torch2.8cxx11abiTRUE-cp311-cp311-linux_x86_64.whl
     https://github.com/Dao-AILab/flash-attention/releases/download/v2.8.3/<that name>
-
-The official v2.8.3 release builds for CUDA 12 and PyTorch 2.4 - 2.8 on Linux; for another torch the name is
-still computed (community builds use the same naming) but flagged as not official.
 """
 from __future__ import annotations
 
@@ -23,11 +21,23 @@ from pathlib import Path
 
 FLASH_ATTN_VERSION = "2.8.3"
 FLASH_ATTN_RELEASE_URL = "https://github.com/Dao-AILab/flash-attention/releases/download/v{version}/{name}"
-# What the official v2.8.3 release page ships (CUDA major version, torch major.minor, CPython tags, platforms).
-OFFICIAL_CUDA = ("12",)
-OFFICIAL_TORCH = ("2.4", "2.5", "2.6", "2.7", "2.8")
-OFFICIAL_PYTHON = ("cp39", "cp310", "cp311", "cp312", "cp313")
-OFFICIAL_PLATFORMS = ("linux_x86_64",)
+
+# The wheels of the v2.8.3 release, as (CUDA major, torch major.minor, CPython tags, C++11 ABI values); Linux x86_64
+# only. Where this comes from:
+# - the release workflow (.github/workflows/publish.yml of the 2.8 series) builds with CUDA 12.9 for torch 2.4.0,
+#   2.5.1, 2.6.0, 2.7.1 and 2.8.0, Python 3.9-3.13, both ABIs, without torch 2.4 + Python 3.13 (torch 2.4 has no
+#   Python 3.13 build);
+# - wheels for torch 2.9 (CUDA 12 and 13) and torch 2.10 (CUDA 13) were added to the same release later; public
+#   install instructions that use them name only Python 3.12 and the C++11 ABI, so only those are listed here.
+# A combination missing here gets no URL: better "no prebuilt wheel, SDPA is used" than a link that answers 404.
+_PY_39_313 = ("cp39", "cp310", "cp311", "cp312", "cp313")
+FLASH_ATTN_RELEASE_MATRIX = (
+    ("12", ("2.4",), _PY_39_313[:-1], (True, False)),
+    ("12", ("2.5", "2.6", "2.7", "2.8"), _PY_39_313, (True, False)),
+    ("12", ("2.9",), ("cp312",), (True,)),
+    ("13", ("2.9", "2.10"), ("cp312",), (True,)),
+)
+FLASH_ATTN_PLATFORMS = ("linux_x86_64",)
 GIB = 1024 ** 3
 
 
@@ -35,14 +45,16 @@ GIB = 1024 ** 3
 class FlashAttnWheel:
     name: str
     url: str
-    official: bool      # in the official release's build matrix
-    note: str = ""      # why not, in Chinese
 
 
 def _major_minor(version: str) -> str:
     """'2.8.0+cu128' -> '2.8'."""
     parts = version.split("+")[0].split(".")
     return ".".join(parts[:2])
+
+
+def _python_tag(python_version: tuple[int, int] | str) -> str:
+    return python_version if isinstance(python_version, str) else f"cp{python_version[0]}{python_version[1]}"
 
 
 def wheel_platform(system: str | None = None, machine: str | None = None) -> str:
@@ -54,38 +66,49 @@ def wheel_platform(system: str | None = None, machine: str | None = None) -> str
     return f"{system}_{machine}"
 
 
-def flash_attn_wheel(torch_version: str, cuda_version: str | None, python_version: tuple[int, int] | str,
-                     cxx11_abi: bool, platform_tag: str = "linux_x86_64",
-                     flash_version: str = FLASH_ATTN_VERSION) -> FlashAttnWheel | None:
-    """The prebuilt wheel for this combination, or None for a CPU-only torch (no ``torch.version.cuda``).
+def has_prebuilt_wheel(cuda_major: str, torch_mm: str, python_tag: str, cxx11_abi: bool, platform_tag: str) -> bool:
+    """Whether :data:`FLASH_ATTN_RELEASE_MATRIX` lists this combination."""
+    if platform_tag not in FLASH_ATTN_PLATFORMS:
+        return False
+    return any(cuda_major == cuda and torch_mm in torches and python_tag in pythons and cxx11_abi in abis
+               for cuda, torches, pythons, abis in FLASH_ATTN_RELEASE_MATRIX)
 
-    ``python_version``: ``(3, 11)`` or ``"cp311"``. The CUDA part is the major version only (``cu12``): the
-    release builds one wheel per CUDA major version, compatible across its minor versions.
+
+def flash_attn_wheel(torch_version: str, cuda_version: str | None, python_version: tuple[int, int] | str,
+                     cxx11_abi: bool, platform_tag: str = "linux_x86_64") -> FlashAttnWheel | None:
+    """The prebuilt flash-attn wheel for this machine, or None when the release has none for it (a CPU-only torch
+    included: no ``torch.version.cuda``).
+
+    ``python_version``: ``(3, 11)`` or ``"cp311"``. The CUDA part is the major version only (``cu12``): the release
+    builds one wheel per CUDA major version, compatible across its minor versions.
     """
     if not cuda_version:
         return None
-    py = python_version if isinstance(python_version, str) else f"cp{python_version[0]}{python_version[1]}"
+    py = _python_tag(python_version)
     cuda_major = str(cuda_version).split(".")[0]
     torch_mm = _major_minor(torch_version)
+    if not has_prebuilt_wheel(cuda_major, torch_mm, py, cxx11_abi, platform_tag):
+        return None
     abi = "TRUE" if cxx11_abi else "FALSE"
-    name = f"flash_attn-{flash_version}+cu{cuda_major}torch{torch_mm}cxx11abi{abi}-{py}-{py}-{platform_tag}.whl"
-    url = FLASH_ATTN_RELEASE_URL.format(version=flash_version, name=name)
-    reasons = []
-    if cuda_major not in OFFICIAL_CUDA:
-        reasons.append(f"CUDA {cuda_major}")
-    if torch_mm not in OFFICIAL_TORCH:
-        reasons.append(f"PyTorch {torch_mm}")
-    if py not in OFFICIAL_PYTHON:
-        reasons.append(f"Python {py}")
-    if platform_tag not in OFFICIAL_PLATFORMS:
-        reasons.append(f"平台 {platform_tag}")
-    note = ""
-    if reasons:
-        note = (f"官方 v{flash_version} 发布页没有 {'、'.join(reasons)} 的预编译包（官方只有 CUDA 12 + PyTorch "
-                f"{OFFICIAL_TORCH[0]}–{OFFICIAL_TORCH[-1]} + Linux x86_64）。可以找同名的社区预编译包，"
-                f"或从源码编译：pip install flash-attn=={flash_version} --no-build-isolation（需要 nvcc，耗时较长）。"
-                f"不装也没关系：会自动使用 PyTorch 自带的 SDPA 注意力。")
-    return FlashAttnWheel(name, url, not reasons, note)
+    name = f"flash_attn-{FLASH_ATTN_VERSION}+cu{cuda_major}torch{torch_mm}cxx11abi{abi}-{py}-{py}-{platform_tag}.whl"
+    return FlashAttnWheel(name, FLASH_ATTN_RELEASE_URL.format(version=FLASH_ATTN_VERSION, name=name))
+
+
+def flash_attn_advice(torch_version: str, cuda_version: str | None, python_version: tuple[int, int] | str,
+                      cxx11_abi: bool, platform_tag: str = "linux_x86_64") -> str:
+    """What a student reads about flash-attention on this machine (Chinese): the wheel to install, or why not."""
+    if not cuda_version:
+        return ("这是 CPU 版的 PyTorch：flash-attention 需要 CUDA 和 NVIDIA GPU。"
+                "llava_lib 使用 PyTorch 自带的 SDPA 注意力，这没有问题。")
+    wheel = flash_attn_wheel(torch_version, cuda_version, python_version, cxx11_abi, platform_tag)
+    if wheel is not None:
+        return f"匹配的预编译包：{wheel.name}\n  安装：pip install {wheel.url}"
+    combo = (f"PyTorch {_major_minor(torch_version)} + CUDA {str(cuda_version).split('.')[0]} + "
+             f"Python {_python_tag(python_version)} + C++11 ABI {'TRUE' if cxx11_abi else 'FALSE'} + {platform_tag}")
+    return (f"flash-attn {FLASH_ATTN_VERSION} 没有与这台机器（{combo}）对应的预编译包。"
+            f"不用装：llava_lib 会使用 PyTorch 自带的 SDPA 注意力，对 Qwen3-0.6B 来说完全够用。"
+            f"（一定要装的话只能从源码编译：pip install flash-attn=={FLASH_ATTN_VERSION} --no-build-isolation，"
+            f"需要 nvcc，要编译很久。）")
 
 
 @dataclass
@@ -116,7 +139,8 @@ class EnvReport:
     cxx11_abi: bool
     gpus: list[GPUInfo] = field(default_factory=list)
     flash_attn: str | None = None       # installed version, or None
-    wheel: FlashAttnWheel | None = None
+    wheel: FlashAttnWheel | None = None  # the prebuilt wheel for this machine, when the release has one
+    flash_attn_advice: str = ""          # Chinese: that wheel, or why there is none
     attention: str = "sdpa"             # what llava_lib will use on this machine
     disks: list[DiskInfo] = field(default_factory=list)
     packages: dict[str, str | None] = field(default_factory=dict)
@@ -137,13 +161,8 @@ class EnvReport:
             lines.append("GPU           没有可用的 GPU：训练和聊天会在 CPU 上运行（迷你世界足够，真实模型会很慢）")
         lines.append(f"flash-attn    {'已安装 ' + self.flash_attn if self.flash_attn else '未安装'}；"
                      f"llava_lib 将使用的注意力实现：{self.attention}")
-        if self.wheel is not None:
-            lines.append(f"  匹配的预编译包：{self.wheel.name}")
-            lines.append(f"  下载地址：{self.wheel.url}")
-            if self.wheel.note:
-                lines.append(f"  注意：{self.wheel.note}")
-        else:
-            lines.append("  flash-attention 需要 CUDA 版的 PyTorch 和 NVIDIA GPU；CPU 上使用 SDPA 即可。")
+        if not self.flash_attn and self.flash_attn_advice:
+            lines.append(f"  {self.flash_attn_advice}")
         for name, version in self.packages.items():
             lines.append(f"{name:13s} {version or '未安装'}")
         for d in self.disks:
@@ -194,7 +213,7 @@ def collect(disk_paths=()) -> EnvReport:
     from .model.loading import pick_attention
     cuda = torch.cuda.is_available()
     abi = bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
-    wheel = flash_attn_wheel(torch.__version__, torch.version.cuda, sys.version_info[:2], abi, wheel_platform())
+    versions = (torch.__version__, torch.version.cuda, sys.version_info[:2], abi, wheel_platform())
     seen, disks = set(), []
     for p in disk_paths:
         d = disk_info(p)
@@ -206,7 +225,8 @@ def collect(disk_paths=()) -> EnvReport:
         torch=torch.__version__, cuda_available=cuda, cuda_version=torch.version.cuda,
         cudnn=torch.backends.cudnn.version() if cuda else None, cxx11_abi=abi, gpus=gpu_infos(),
         flash_attn=_version("flash-attn") or _version("flash_attn") if importlib.util.find_spec("flash_attn") else None,
-        wheel=wheel, attention=pick_attention(torch.device("cuda" if cuda else "cpu")), disks=disks,
+        wheel=flash_attn_wheel(*versions), flash_attn_advice=flash_attn_advice(*versions),
+        attention=pick_attention(torch.device("cuda" if cuda else "cpu")), disks=disks,
         packages={name: _version(name) for name in PACKAGES})
 
 
@@ -224,5 +244,5 @@ def download_instructions() -> str:
     lines = ["在 GPU 机器的终端里（项目根目录下）依次运行："]
     for cmd, what in DOWNLOAD_STEPS:
         lines.append(f"  {cmd:62s} # {what}")
-    lines.append("然后把每个笔记本第一个代码单元格里的 PROFILE = \"mini\" 改成 PROFILE = \"full\"。")
+    lines.append("然后 export LLAVA_PROFILE=full（或在项目根目录写 llava.toml：profile = \"full\"），再启动 JupyterLab，所有笔记本和命令都会切换。")
     return "\n".join(lines)

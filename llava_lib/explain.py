@@ -4,10 +4,12 @@
 - :func:`describe_sample`: one sample of a training batch as the LLM sees it: the chat text with the image block
   folded, where the image block sits, and which tokens carry loss;
 - :func:`eval_images`: a few held-out images with their reference captions (the same split ``train`` evaluates on);
-- :func:`notebook_stage1_dir`: where ``04_stage1_training`` saves and ``05_llava_chat`` loads the projection.
+- :func:`notebook_stage1_dir`: where ``04_stage1_training`` saves its run;
+- :func:`tensorboard_routes`: how to open TensorBoard from a local or a remote JupyterLab.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .process import IGNORE_INDEX, IMAGE_PAD, VISION_END, VISION_START
@@ -108,3 +110,46 @@ def eval_images(paths, n: int = 4):
 def notebook_stage1_dir(paths) -> Path:
     """Where ``04_stage1_training`` writes its run (``final/`` holds the projection) and ``05_llava_chat`` reads it."""
     return Path(paths.checkpoints_dir) / f"stage1-{paths.profile}-notebook"
+
+
+def tensorboard_routes(logdir, port: int = 6006, environ=None, has_server_proxy: bool | None = None) -> str:
+    """How to see TensorBoard from here, in Chinese: inline where the browser runs on this machine, else the routes
+    that work on a remote JupyterLab (``%tensorboard`` there shows a blank frame: the frame points at port ``port``
+    of the *browser's* machine)."""
+    import importlib.util
+    env = os.environ if environ is None else environ
+    if has_server_proxy is None:
+        has_server_proxy = importlib.util.find_spec("jupyter_server_proxy") is not None
+    remote = any(env.get(k) for k in ("SSH_CONNECTION", "SSH_CLIENT", "JUPYTERHUB_API_URL", "KUBERNETES_SERVICE_HOST"))
+    lines = [f"TensorBoard 日志目录：{logdir}"]
+    if not remote:
+        lines.append("浏览器和内核在同一台机器上：下面的 %tensorboard 单元格会在笔记本里直接显示面板。")
+    else:
+        lines.append("这个内核运行在远程机器上：%tensorboard 在这里会显示空白框（它指向你自己电脑的端口）。可用的办法：")
+    proxy = "已安装" if has_server_proxy else "未安装，可运行 pip install jupyter-server-proxy 后重启 JupyterLab"
+    lines += [f"  1. jupyter-server-proxy（{proxy}）：在终端运行 tensorboard --logdir {logdir} --port {port}，"
+              f"再在浏览器里打开 JupyterLab 地址后面加 /proxy/{port}/ 的网址；",
+              f"  2. SSH 端口转发：在你自己的电脑上运行 ssh -L {port}:localhost:{port} 用户名@服务器，"
+              f"服务器上运行 tensorboard --logdir {logdir} --port {port}，然后打开 http://localhost:{port}；",
+              "  3. 不需要任何设置：上面训练时实时更新的 matplotlib 曲线，以及 read_scalars 读回的数据，在哪里都能看。"]
+    return "\n".join(lines)
+
+
+# The published configurations of the real towers (Qwen/Qwen3-0.6B's config.json; Chinese-CLIP ViT-B/16's vision side).
+REAL_QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       rope_theta=1_000_000, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643,
+                       eos_token_id=151645, pad_token_id=151643)
+REAL_CLIP_VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         image_size=224, patch_size=16, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def real_size_model(projector_type: str = "linear"):
+    """The real run's model with no weights (PyTorch's ``meta`` device): its shapes and parameter counts, no download."""
+    import torch
+    from transformers import ChineseCLIPVisionConfig, ChineseCLIPVisionModel, Qwen3Config, Qwen3ForCausalLM
+
+    from .model import LlavaStage1, VisionTower
+    with torch.device("meta"):
+        vision = VisionTower(ChineseCLIPVisionModel(ChineseCLIPVisionConfig(**REAL_CLIP_VIT_B16)))
+        return LlavaStage1(vision, Qwen3ForCausalLM(Qwen3Config(**REAL_QWEN3_0_6B)), projector_type)

@@ -3,7 +3,7 @@
 A code cell is *checked* when one of its lines is the comment ``# NBVAL_CHECK_OUTPUT`` (nbval's own rule) or its
 metadata has the tag ``nbval-check-output``; its outputs are the reference that ``pytest --nbval-lax`` compares
 against, so they stay, with a stable execution count (nbval skips nothing but refuses a reference cell with
-outputs and no count). Every other cell loses its outputs and its execution count.
+outputs and no count). Every other cell loses its outputs and its execution count (stripped by nbstripout).
 
     python -m llava_lib.nbtools strip notebooks/*.ipynb     # strip in place (keeps the checked cells' outputs)
     python -m llava_lib.nbtools check notebooks/*.ipynb     # exit 1 and list the cells that carry outputs
@@ -40,38 +40,44 @@ def is_checked(cell) -> bool:
     return False
 
 
-_VOLATILE_METADATA = ("execution", "collapsed", "scrolled")
+# nbstripout's own defaults (its command line strips these): volatile notebook and cell metadata.
+_EXTRA_KEYS = ["metadata.signature", "metadata.widgets", "cell.metadata.collapsed", "cell.metadata.ExecuteTime",
+               "cell.metadata.execution", "cell.metadata.heading_collapsed", "cell.metadata.hidden",
+               "cell.metadata.scrolled"]
 
 
 def strip_notebook(nb) -> int:
     """Strip outputs and execution counts in place, except in checked cells; returns how many cells changed.
 
-    A checked cell keeps its outputs and gets a stable execution count (its 1-based position among the code
-    cells): nbval refuses a reference cell that has outputs but no count ("unrun"), and a stable number means a
-    re-run leaves no diff. Volatile cell metadata (timings, scroll state) and saved widget states are dropped.
+    nbstripout does the stripping; a checked cell is marked for it with ``keep_output`` for the time of the call
+    (nbstripout's per-cell switch), so the committed notebook carries no extra metadata. A checked cell then gets a
+    stable execution count (its 1-based position among the code cells): nbval refuses a reference cell that has
+    outputs but no count ("unrun"), and a stable number means a re-run leaves no diff.
     """
-    changed = 0
+    import nbstripout
+
+    before = [repr(cell) for cell in nb.cells]
+    marked = []
+    for cell in nb.cells:
+        if is_checked(cell) and "keep_output" not in cell.get("metadata", {}):
+            cell.setdefault("metadata", {})["keep_output"] = True
+            marked.append(cell)
+    try:
+        nbstripout.strip_output(nb, keep_output=False, keep_count=False, keep_id=True, extra_keys=_EXTRA_KEYS)
+    finally:
+        for cell in marked:
+            del cell["metadata"]["keep_output"]
     code_index = 0
     for cell in nb.cells:
-        before = repr(cell)
-        if cell.get("cell_type") == "code":
-            code_index += 1
-            if is_checked(cell) and cell.get("outputs"):
-                cell["execution_count"] = code_index
-                for out in cell["outputs"]:
-                    if "execution_count" in out:
-                        out["execution_count"] = code_index
-            else:
-                cell["execution_count"] = None
-                if not is_checked(cell):
-                    cell["outputs"] = []
-        meta = cell.get("metadata", {})
-        for key in _VOLATILE_METADATA:
-            meta.pop(key, None)
-        if repr(cell) != before:
-            changed += 1
-    nb.metadata.pop("widgets", None)
-    return changed
+        if cell.get("cell_type") != "code":
+            continue
+        code_index += 1
+        if is_checked(cell) and cell.get("outputs"):
+            cell["execution_count"] = code_index
+            for out in cell["outputs"]:
+                if "execution_count" in out:
+                    out["execution_count"] = code_index
+    return sum(repr(cell) != old for cell, old in zip(nb.cells, before))
 
 
 def dirty_cells(nb) -> list[str]:

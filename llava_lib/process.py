@@ -3,7 +3,7 @@
 Conversations are lists of ``{"role": ..., "content": ...}`` as in transformers' chat templates. The image (at
 most one, in the first user turn) is marked by :data:`IMAGE_MARKER` inside that turn's text; rendering replaces
 the marker with ``<|vision_start|>`` + N x ``<|image_pad|>`` + ``<|vision_end|>``. These three tokens are already
-in Qwen3's vocabulary, so nothing is resized (DESIGN.md, decision 3).
+in Qwen3's vocabulary, so the frozen LM's embedding table is not resized and stays exactly as downloaded.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ IMAGE_PAD_ID = 151655
 IGNORE_INDEX = -100
 DEFAULT_PROMPT = "请描述这张图片。"
 
-# CLIP's normalisation (Chinese-CLIP uses OpenAI CLIP's statistics).
+# CLIP's normalisation (Chinese-CLIP uses OpenAI CLIP's statistics); the one definition in the package.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SIZE = 224
@@ -33,16 +33,17 @@ def num_image_tokens(image_size: int = IMAGE_SIZE, patch_size: int = 16) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- images
-def resize_center_crop(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
-    """Short side to ``size`` (bicubic), then the centred ``size`` x ``size`` square; RGB out."""
+def resize_square(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
+    """The whole image squashed to ``size`` x ``size`` (bicubic); RGB out.
+
+    The one geometry of the vision tower, for training, chat and matching alike: Chinese-CLIP was pretrained on
+    images resized this way (no crop), and a centre crop of a 3:2 SA-1B photo would drop a third of it, often
+    the part the caption talks about. The aspect ratio changes; CLIP has seen that throughout its pretraining.
+    """
     image = image.convert("RGB")
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        image = image.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    return image
 
 
 _MEAN = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
@@ -51,7 +52,7 @@ _STD = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
 
 def clip_transform(image: Image.Image, size: int = IMAGE_SIZE) -> torch.Tensor:
     """The CLIP preprocessing: ``[3, size, size]`` float32, normalised with CLIP's mean/std."""
-    arr = np.asarray(resize_center_crop(image, size), dtype=np.float32).transpose(2, 0, 1) / 255.0
+    arr = np.asarray(resize_square(image, size), dtype=np.float32).transpose(2, 0, 1) / 255.0
     return torch.from_numpy(np.ascontiguousarray((arr - _MEAN) / _STD))
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .process import clip_transform
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -86,7 +88,10 @@ def _features(out) -> torch.Tensor:
 
 
 class ClipMatcher:
-    """A ``ChineseCLIPModel`` with its processor (image preprocessing + BERT tokenizer), frozen, for matching."""
+    """A ``ChineseCLIPModel`` with its processor's BERT tokenizer, frozen, for matching.
+
+    Images go through ``process.clip_transform``, the same preprocessing as training and chat.
+    """
 
     def __init__(self, model, processor, max_text_tokens: int = 64):
         self.model = model.eval()
@@ -116,8 +121,8 @@ class ClipMatcher:
         """``[N, D]`` unit-length image embeddings (float32, on the CPU)."""
         out = []
         for i in range(0, len(images), batch_size):
-            batch = [im.convert("RGB") for im in images[i:i + batch_size]]
-            pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"]
+            # The project's one image geometry (``process.clip_transform``), not the saved processor's own.
+            pixels = torch.stack([clip_transform(im) for im in images[i:i + batch_size]])
             feats = _features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
             out.append(F.normalize(feats.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0, self.model.config.projection_dim)

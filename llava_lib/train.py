@@ -4,15 +4,16 @@
 same function from a terminal, and under ``torchrun --nproc_per_node N`` it runs DDP (only the projection's
 gradients are reduced; each rank reads its own batches; rank 0 evaluates, logs and saves).
 
-The loop, in one breath: take ``grad_accum`` batches -> count their label tokens (over all ranks) -> for each,
-loss_sum / total_tokens -> backward into the projection -> one AdamW step with a cosine learning rate -> every
-``eval_every`` steps an eval (loss, perplexity, a few captions) and every ``save_every`` steps a checkpoint that
-``resume=True`` continues from exactly.
+The parts, each public so that a notebook or a benchmark can call it alone:
+``setup`` (device, model, data, optimizer, schedule) -> ``train_step`` (one AdamW step over ``grad_accum``
+batches) -> ``evaluate`` (held-out loss) -> ``save_checkpoint`` / ``load_checkpoint`` (exact resume). ``train``
+is the loop around them.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -22,66 +23,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from . import config as cfg_mod
-from .model.checkpoint import atomic_write_json, save_projection
+from .config import TrainConfig
+from .model.checkpoint import atomic_write_json, load_projection, save_projection
+from .model.llava import lean_causal_lm_loss
 
-PROFILE_DEFAULTS = {
-    # The course's real run: first 100,000 samples, batch 16, lr 2e-3, cosine with 3% warmup.
-    "full": dict(),
-    # The mini world: small enough for two CPU cores, long enough to really learn. lr 1e-2, not 2e-3: a small
-    # 64 -> 64 projection and a short run (measured on one build, 500 steps: caption accuracy 0.77 at lr 3e-3,
-    # 0.88 at 1e-2, no better at 2e-2; on the final v8 build, lr 1e-2: 0.82 after 500 steps, 0.98 after 1,000).
-    "mini": dict(limit=None, epochs=10, max_steps=1000, batch_size=16, lr=1e-2, eval_every=250, save_every=250,
-                 caption_eval_n=100, eval_limit=200, num_workers=0),
-}
-
-
-@dataclass
-class TrainConfig:
-    profile: str = "mini"
-    out_dir: str | None = None            # default: <checkpoints>/stage1-<profile>
-    # data
-    limit: int | None = 100_000           # first N training samples
-    eval_limit: int = 200                 # eval samples (held-out split, or the tail of the train cache)
-    max_text_tokens: int = 128
-    group_by_length: bool = True
-    num_workers: int = 2
-    # optimisation (the course's defaults)
-    batch_size: int = 16
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None          # stops early when set
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    # model
-    projector_type: str = "linear"
-    feature_layer: int = -1
-    gradient_checkpointing: bool = False
-    accelerate: bool | None = None        # torch.compile of the frozen LLM's layers; None = on for CUDA
-    # bookkeeping
-    eval_every: int = 500
-    save_every: int = 500
-    keep_last: int = 3
-    log_every: int = 10
-    caption_eval_n: int = 0               # eval images captioned for accuracy (mini world only)
-    caption_show_n: int = 4               # captions shown next to their references at each eval
-    seed: int = 42
-    device: str | None = None
-    resume: bool = False
-    tensorboard: bool = True
-    progress: bool = True
-
-    @classmethod
-    def for_profile(cls, profile: str = "mini", **overrides) -> "TrainConfig":
-        if profile not in PROFILE_DEFAULTS:
-            raise cfg_mod.ConfigError(f"未知的配置档 {profile!r}；可选：{', '.join(PROFILE_DEFAULTS)}")
-        return cls(profile=profile, **{**PROFILE_DEFAULTS[profile], **overrides})
+__all__ = ["TrainConfig", "TrainingError", "TrainResult", "Run", "setup", "train_step", "evaluate", "train",
+           "save_checkpoint", "load_checkpoint", "latest_checkpoint", "lr_at", "read_scalars", "main"]
 
 
 class TrainingError(RuntimeError):
@@ -96,7 +46,7 @@ class TrainResult:
     interrupted: bool = False
 
 
-# --------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------ the schedule
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warmup over ``warmup_ratio`` of the steps, then cosine down to ``min_lr_ratio * lr``."""
     warm = max(1, math.ceil(cfg.warmup_ratio * total))
@@ -106,13 +56,37 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _dist():
-    """(rank, world_size, is_distributed) from torchrun's environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, world > 1
+def make_scheduler(optimizer, total: int, cfg: TrainConfig):
+    """``lr_at`` as a ``LambdaLR``, so its position is saved and restored by its own ``state_dict``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, total, cfg) / cfg.lr)
 
 
-def _all_reduce_sum(x: float | int, device) -> float:
+# ------------------------------------------------------------------------------------------- plug-ins
+def load_hook(spec: str):
+    """``"package.module:name"`` -> the object; how a profile plugs in its own loss or metric by name."""
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise cfg_mod.ConfigError(f"找不到插件 {spec!r}（格式：'包.模块:名字'）：{e}") from e
+
+
+def pick_head_loss(spec: str, llm, device: torch.device):
+    """The loss over the LM head. ``auto``: ``fused`` on CUDA (the head's gradient computed chunk by chunk in the
+    forward, so no ``[chunk, vocab]`` logits wait for the backward), ``lean`` elsewhere; both equal transformers'
+    causal-LM loss. Anything else names a factory ``f(lm_head) -> loss`` (the mini world's zero-rows loss)."""
+    if spec == "auto":
+        spec = "fused" if device.type == "cuda" else "lean"
+    if spec == "lean":
+        return lean_causal_lm_loss
+    if spec == "fused":
+        from .model.accel import fused_lean_causal_lm_loss
+        return fused_lean_causal_lm_loss
+    return load_hook(spec)(llm.lm_head)
+
+
+# ------------------------------------------------------------------------------------------ one step
+def _all_reduce_sum(x: float, device) -> float:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return float(x)
     t = torch.tensor([float(x)], dtype=torch.float64, device=device)
@@ -120,43 +94,111 @@ def _all_reduce_sum(x: float | int, device) -> float:
     return float(t.item())
 
 
-def _label_tokens(batch) -> int:
+def label_tokens(batch) -> int:
+    """Tokens that carry loss (labels shifted by one, -100 skipped): the loss is averaged over these."""
     return int((batch["labels"][:, 1:] != -100).sum()) if batch["labels"].numel() else 0
 
 
-def _batch_loss_sum(model, batch, device, autocast):
+def loss_sum(model, batch, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the batch's label tokens, and their number."""
     with autocast():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     labels=batch["labels"], pixel_values=batch["pixel_values"])
     return out.loss * out.n_label_tokens, out.n_label_tokens
 
 
+def train_step(model, batches: list[dict], optimizer, scheduler=None, *, autocast=contextlib.nullcontext,
+               world_size: int = 1) -> dict:
+    """One optimizer step over ``batches`` (gradient accumulation); returns ``{"loss", "lr", "n_tokens"}``.
+
+    Every label token weighs the same: each batch's summed loss is divided by the token count of all batches on
+    all ranks. Under DDP the gradients are averaged over ranks, so ``* world_size`` undoes that average; only the
+    last batch synchronises. A non-finite loss raises before the weights change.
+    """
+    n_total = _all_reduce_sum(sum(label_tokens(b) for b in batches), model.device)
+    projector = model.projector
+    total = 0.0
+    for k, batch in enumerate(batches):
+        last = k == len(batches) - 1
+        with (projector.no_sync() if hasattr(projector, "no_sync") and not last else contextlib.nullcontext()):
+            s, _ = loss_sum(model, batch, autocast)
+            (s * world_size / max(n_total, 1.0)).backward()
+        total += float(s.detach())
+    loss = _all_reduce_sum(total, model.device) / max(n_total, 1.0)
+    lr = optimizer.param_groups[0]["lr"]
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(f"损失是 {loss}（NaN/inf），训练已停止（学习率 {lr:.2e}）。")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return {"loss": loss, "lr": lr, "n_tokens": int(n_total)}
+
+
+# ---------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def evaluate(model, loader, autocast=contextlib.nullcontext) -> float:
+    """Mean cross-entropy per label token over ``loader`` (the held-out loss)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for batch in loader:
+        if batch["input_ids"].numel():
+            s, k = loss_sum(model, batch, autocast)
+            total, n = total + float(s), n + k
+    model.train(was_training)
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def generate_captions(model, tokenizer, dataset, indices, max_new_tokens: int = 48) -> list[tuple[str, str]]:
+    """(generated, reference) for the given eval samples, greedy."""
+    from .chat import caption
+    was_training = model.training
+    model.eval()
+    out = [(caption(model, tokenizer, dataset.image(i), max_new_tokens=max_new_tokens), dataset.captions[i])
+           for i in indices]
+    model.train(was_training)
+    return out
+
+
+def caption_accuracy(pairs, metric) -> float | None:
+    """Share of ``(generated, reference)`` pairs that ``metric`` accepts; None without pairs."""
+    return sum(bool(metric(g, r)) for g, r in pairs) / len(pairs) if pairs else None
+
+
 # ----------------------------------------------------------------------------------------- checkpoints
-STATE_TENSORS = "train_state.safetensors"
+STATE_TENSORS = "train_state.pt"
 STATE_JSON = "train_state.json"
 
 
-def save_checkpoint(ckpt_dir: Path, model, optimizer, state: dict, keep_last: int) -> Path:
-    """Projection + resume state (optimizer moments, RNG, position) in ``ckpt_dir/step-NNNNNN``; no pickle.
+def _unwrap(model):
+    return getattr(model, "module", model)
 
-    Written into a temp folder and renamed, then ``latest.json`` is atomically pointed at it; a run killed at
-    any moment leaves the previous checkpoint intact.
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: dict, keep_last: int = 3) -> Path:
+    """Projection + everything a resume needs, in ``ckpt_dir/step-NNNNNN``.
+
+    The optimizer and scheduler are saved through their own ``state_dict()`` (any optimizer works), with the CPU
+    and CUDA random states, in a file that ``torch.load(weights_only=True)`` reads without running code; the data
+    position and history go to JSON. Written into a temp folder and renamed, then ``latest.json`` is pointed at it:
+    a run killed at any moment leaves the previous checkpoint intact.
     """
+    ckpt_dir = Path(ckpt_dir)
     name = f"step-{state['step']:06d}"
-    final = ckpt_dir / name
-    tmp = ckpt_dir / f".{name}.tmp"
+    final, tmp = ckpt_dir / name, ckpt_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_projection(tmp, _unwrap(model), {"step": state["step"]})
-    tensors = {"rng.torch": torch.get_rng_state()}
-    params = [p for p in _unwrap(model).projector.parameters()]
-    for i, p in enumerate(params):
-        st = optimizer.state.get(p, {})
-        for k in ("exp_avg", "exp_avg_sq"):
-            if k in st:
-                tensors[f"opt.{i}.{k}"] = st[k].detach().cpu().contiguous()
-        if "step" in st:
-            tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1).cpu()
-    save_file(tensors, str(tmp / STATE_TENSORS))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+               tmp / STATE_TENSORS)
     atomic_write_json(tmp / STATE_JSON, state)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -175,65 +217,28 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return p if p.exists() else None
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    from .model.checkpoint import load_projection
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns the JSON state (step, data position, history)."""
+    path = Path(path)
     load_projection(path, _unwrap(model))
-    tensors = load_file(str(path / STATE_TENSORS))
-    params = list(_unwrap(model).projector.parameters())
-    for i, p in enumerate(params):
-        if f"opt.{i}.exp_avg" in tensors:
-            optimizer.state[p] = {
-                "step": torch.tensor(float(tensors[f"opt.{i}.step"][0])),
-                "exp_avg": tensors[f"opt.{i}.exp_avg"].to(p.device),
-                "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].to(p.device),
-            }
-    torch.set_rng_state(tensors["rng.torch"])
+    saved = torch.load(path / STATE_TENSORS, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    # The saved lr is the next step's on the saved run's schedule; a resume with other max_steps / epochs follows
+    # its own schedule from the first step on (with the same settings this is the same value).
+    for group, base, fn in zip(optimizer.param_groups, getattr(scheduler, "base_lrs", []),
+                               getattr(scheduler, "lr_lambdas", [])):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
     return json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
 
 
-def _unwrap(model):
-    return getattr(model, "module", model)
-
-
-# ---------------------------------------------------------------------------------------------- eval
-@torch.no_grad()
-def evaluate_loss(model, loader, device, autocast) -> float:
-    model.eval()
-    total, n = 0.0, 0
-    for batch in loader:
-        if batch["input_ids"].numel() == 0:
-            continue
-        s, k = _batch_loss_sum(model, batch, device, autocast)
-        total += float(s)
-        n += k
-    model.train()
-    return total / max(n, 1)
-
-
-@torch.no_grad()
-def generate_captions(model, tokenizer, dataset, indices, max_new_tokens: int = 48) -> list[tuple[str, str]]:
-    """(generated, reference) for the given eval samples, greedy."""
-    from .chat import caption
-    model.eval()
-    out = [(caption(model, tokenizer, dataset.image(i), max_new_tokens=max_new_tokens), dataset.captions[i])
-           for i in indices]
-    model.train()
-    return out
-
-
-def caption_accuracy(pairs) -> float | None:
-    """Share of captions naming every object's colour and shape (mini world; None elsewhere)."""
-    from .mini.scenes import caption_is_correct  # pure helpers; the only place the trainer knows the mini world
-    return float(np.mean([caption_is_correct(g, r) for g, r in pairs])) if pairs else None
-
-
-# ---------------------------------------------------------------------------------------------- data
+# ---------------------------------------------------------------------------------------------- setup
 def _datasets(paths: cfg_mod.Paths, cfg: TrainConfig):
-    from torch.utils.data import Subset
-
     from .data import CachedImageDataset
-    train_dir = Path(paths.cache_dir) / "train"
-    eval_dir = Path(paths.cache_dir) / "eval"
+    train_dir, eval_dir = Path(paths.cache_dir) / "train", Path(paths.cache_dir) / "eval"
     if not train_dir.exists():
         raise cfg_mod.MissingResourceError(
             f"找不到训练图片缓存：{train_dir}\n  解决办法：运行 `{cfg_mod.how_to_get(paths, 'cache_dir')}`。")
@@ -249,14 +254,209 @@ def _datasets(paths: cfg_mod.Paths, cfg: TrainConfig):
         n_train = min(n_train, cfg.limit)
     if n_train <= 0:
         raise TrainingError("训练集为空：请检查 limit / eval_limit 和图片缓存。")
-    return train, list(range(n_train)), ev, eval_idx, Subset
+    return train, list(range(n_train)), ev, eval_idx
 
 
-def _autocast(device):
+def _check_passed_model(model, cfg: TrainConfig) -> None:
+    """A model handed to ``train`` must be the one the config describes, or the saved config would lie."""
+    have = {"projector_type": model.projector_type, "feature_layer": model.vision.feature_layer}
+    diffs = [f"{k}: 传入的模型={v!r}，配置={getattr(cfg, k)!r}" for k, v in have.items() if getattr(cfg, k) != v]
+    if diffs:
+        raise TrainingError("传入的模型与训练配置不一致：\n  " + "\n  ".join(diffs)
+                            + "\n  解决办法：不传 model（train 会按配置新建一个），或把配置改成与模型一致。")
+
+
+@dataclass
+class Run:
+    """Everything ``setup`` prepared for one run."""
+
+    cfg: TrainConfig
+    device: torch.device
+    model: object
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    sampler: object
+    train_view: object
+    collate: object
+    eval_loader: object
+    eval_ds: object
+    eval_idx: list
+    total_steps: int
+    out_dir: Path
+    rank: int = 0
+    world_size: int = 1
+    caption_metric: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def batches(self, state: dict):
+        """Endless lists of ``grad_accum`` non-empty batches from the data position in ``state`` (kept up to date)."""
+        from torch.utils.data import DataLoader
+        while True:
+            self.sampler.set_epoch(state["epoch"], state["batch_in_epoch"])
+            micro = []
+            for b in DataLoader(self.train_view, batch_sampler=self.sampler, collate_fn=self.collate,
+                                num_workers=self.cfg.num_workers):
+                state["batch_in_epoch"] += 1
+                if b["skipped"] and self.is_main:
+                    print(f"[train] 跳过 {len(b['skipped'])} 个无法读取的样本：{b['skipped'][0].message}")
+                if b["input_ids"].numel():
+                    micro.append(b)
+                if len(micro) == self.cfg.grad_accum:
+                    yield micro
+                    micro = []
+            state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+
+
+def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
+    """Process group, device, model (built from ``cfg`` unless given), data, AdamW and the schedule."""
+    from torch.utils.data import DataLoader, Subset
+
+    from .data import LengthGroupedSampler, make_collate
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(cfg.device) if cfg.device else (
+        torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else torch.device("cpu"))
     if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    import contextlib
-    return contextlib.nullcontext
+        torch.cuda.set_device(device)
+    paths = cfg.paths
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(paths.checkpoints_dir) / f"stage1-{cfg.profile}"
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        from .model.loading import build_model
+        model, tokenizer = build_model(paths, device=device, projector_type=cfg.projector_type,
+                                       feature_layer=cfg.feature_layer)
+    else:
+        _check_passed_model(model, cfg)
+    model.head_loss = pick_head_loss(cfg.head_loss, model.llm, device)
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.accelerate or (cfg.accelerate is None and device.type == "cuda"):
+        from .model.accel import compile_towers
+        compile_towers(model)  # measured in benchmarks/train_step.py and docs/perf_notes.md
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # Only the projection is wrapped: its gradients are the only ones, and the only ones reduced.
+        model.projector = DDP(model.projector, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train_ds, train_idx, eval_ds, eval_idx = _datasets(paths, cfg)
+    collate = make_collate(tokenizer, model.num_image_tokens, cfg.max_text_tokens)
+    sampler = LengthGroupedSampler([int(train_ds.lengths[i]) for i in train_idx], cfg.batch_size, seed=cfg.seed,
+                                   group_by_length=cfg.group_by_length, rank=rank, world_size=world,
+                                   drop_last=world > 1)
+    steps_per_epoch = len(sampler.batches()) // cfg.grad_accum
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps) if steps_per_epoch else cfg.max_steps
+    if total <= 0:
+        raise TrainingError(f"没有可训练的步数：每轮 {steps_per_epoch} 步。请减小 batch_size 或 grad_accum。")
+    eval_loader = DataLoader(Subset(eval_ds, eval_idx), batch_size=cfg.batch_size, collate_fn=collate,
+                             num_workers=cfg.num_workers)
+    optimizer = torch.optim.AdamW(_unwrap(model.projector).parameters(), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    return Run(cfg, device, model, tokenizer, optimizer, make_scheduler(optimizer, total, cfg), sampler,
+               Subset(train_ds, train_idx), collate, eval_loader, eval_ds, eval_idx, total, out_dir, rank, world,
+               load_hook(cfg.caption_metric) if cfg.caption_metric else None)
+
+
+# ------------------------------------------------------------------------------------------- logging
+class _Logger:
+    """Progress bar, TensorBoard and the printed eval lines of rank 0 (silent on the other ranks)."""
+
+    def __init__(self, run: Run, initial: int):
+        from tqdm.auto import tqdm
+        self.run, self.writer = run, None
+        if run.is_main and run.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run.out_dir / "tensorboard"))
+        self.bar = tqdm(total=run.total_steps, initial=initial, desc="Stage 1 训练", dynamic_ncols=True,
+                        disable=not (run.is_main and run.cfg.progress))
+
+    def step(self, rec: dict) -> None:
+        self.bar.update(1)
+        if self.writer:
+            for k in ("loss", "ppl", "lr", "samples_per_s", "data_wait_frac"):
+                self.writer.add_scalar(("perf/" if k in ("samples_per_s", "data_wait_frac") else "train/") + k,
+                                       rec[k], rec["step"])
+        self.bar.set_postfix(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}", lr=f"{rec['lr']:.2e}",
+                             sps=f"{rec['samples_per_s']:.1f}")
+
+    def eval(self, rec: dict, tag: str) -> None:
+        if self.writer:
+            self.writer.add_scalar("eval/loss", rec["eval_loss"], rec["step"])
+            self.writer.add_scalar("eval/ppl", rec["eval_ppl"], rec["step"])
+            if rec.get("captions"):
+                table = "| 生成 | 参考 |\n|---|---|\n" + "\n".join(f"| {g} | {r} |" for g, r in rec["captions"])
+                self.writer.add_text("eval/captions", table, rec["step"])
+        if self.run.is_main:
+            print(f"[train] {tag}第 {rec['step']} 步评估：loss {rec['eval_loss']:.4f}  ppl {rec['eval_ppl']:.2f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer:
+            self.writer.close()
+
+
+def run_eval(run: Run, step: int, log: _Logger, tag: str = "") -> dict:
+    """Held-out loss on every rank; captions shown next to their references on rank 0."""
+    loss = evaluate(run.model, run.eval_loader, run.autocast)
+    rec = {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+    show = run.eval_idx[:run.cfg.caption_show_n]
+    if run.is_main and show:
+        rec["captions"] = generate_captions(run.model, run.tokenizer, run.eval_ds, show)
+    log.eval(rec, tag)
+    return rec
+
+
+def measure_captions(run: Run, metrics: dict, when: str) -> None:
+    """``caption_accuracy_<when>`` on the first ``caption_eval_n`` eval images, when the profile has a metric."""
+    idx = run.eval_idx[:run.cfg.caption_eval_n]
+    if run.is_main and idx and run.caption_metric is not None:
+        pairs = generate_captions(run.model, run.tokenizer, run.eval_ds, idx)
+        metrics[f"caption_accuracy_{when}"] = caption_accuracy(pairs, run.caption_metric)
+        print(f"[train] {'训练前' if when == 'before' else '训练后'}描述准确率：{metrics[f'caption_accuracy_{when}']:.2%}")
+
+
+def _finish(run: Run, state: dict, log: _Logger, seconds: float, samples: int, data_wait: float) -> None:
+    final = run_eval(run, state["step"], log, "训练后 ")
+    state["eval_history"].append(final)
+    if not run.is_main:
+        return
+    metrics = state["metrics"]
+    metrics["eval_loss_after"] = final["eval_loss"]
+    measure_captions(run, metrics, "after")
+    metrics.update(steps=state["step"], train_samples_per_s=samples / max(seconds, 1e-9),
+                   data_wait_fraction=data_wait / max(seconds, 1e-9), wall_seconds=seconds,
+                   world_size=run.world_size, device=str(run.device),
+                   attention=_unwrap(run.model).llm.config._attn_implementation,
+                   eval_ppl_before=math.exp(min(metrics.get("eval_loss_before", 50), 50)),
+                   eval_ppl_after=final["eval_ppl"])
+    save_projection(run.out_dir / "final", _unwrap(run.model), {"step": state["step"]})
+    save_checkpoint(run.ckpt_dir, run.model, run.optimizer, run.scheduler, state, run.cfg.keep_last)
+    atomic_write_json(run.out_dir / "metrics.json", metrics)
+    atomic_write_json(run.out_dir / "config.json", dataclasses.asdict(run.cfg))
+
+
+def _resume_or_start(run: Run) -> dict:
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "eval_history": [], "metrics": {}}
+    last = latest_checkpoint(run.out_dir) if run.cfg.resume else None
+    if last is not None:
+        state = load_checkpoint(last, run.model, run.optimizer, run.scheduler)
+    if run.is_main and run.cfg.resume:
+        print(f"[train] 从检查点 {last} 继续（第 {state['step']} 步）。" if last else
+              f"[train] {run.ckpt_dir} 中没有检查点，从头开始训练。")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -265,235 +465,63 @@ def train(config: TrainConfig | None = None, on_log=None, model=None, tokenizer=
 
     Ctrl-C (KeyboardInterrupt) saves a checkpoint and returns what was trained so far.
     """
-    cfg = config or TrainConfig.for_profile("mini")
-    rank, world, distributed = _dist()
-    if distributed and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    device = torch.device(cfg.device) if cfg.device else (
-        torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else torch.device("cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    is_main = rank == 0
-    paths = cfg_mod.resolve(cfg.profile)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(paths.checkpoints_dir) / f"stage1-{cfg.profile}"
-    ckpt_dir = out_dir / "checkpoints"
-    if is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(cfg.seed)
-    if model is None:
-        from .model.loading import build_model
-        model, tokenizer = build_model(paths, device=device, projector_type=cfg.projector_type,
-                                       feature_layer=cfg.feature_layer)
-    if cfg.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.accelerate or (cfg.accelerate is None and device.type == "cuda"):
-        from .model.accel import accelerate_training
-        accelerate_training(model)  # measured in benchmarks/train_step.py and docs/perf_notes.md
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # Only the projection is wrapped: its gradients are the only ones, and the only ones reduced.
-        model.projector = DDP(model.projector, device_ids=[device.index] if device.type == "cuda" else None)
-
-    from torch.utils.data import DataLoader
-
-    from .data import LengthGroupedSampler, make_collate
-    train_ds, train_idx, eval_ds, eval_idx, Subset = _datasets(paths, cfg)
-    collate = make_collate(tokenizer, model.num_image_tokens, cfg.max_text_tokens)
-    train_view = Subset(train_ds, train_idx)
-    sampler = LengthGroupedSampler([int(train_ds.lengths[i]) for i in train_idx], cfg.batch_size, seed=cfg.seed,
-                                   group_by_length=cfg.group_by_length, rank=rank, world_size=world,
-                                   drop_last=distributed)
-    steps_per_epoch = len(sampler.batches()) // cfg.grad_accum
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps) if steps_per_epoch else cfg.max_steps
-    if total_steps <= 0:
-        raise TrainingError(f"没有可训练的步数：每轮 {steps_per_epoch} 步。请减小 batch_size 或 grad_accum。")
-
-    def loader_for(epoch: int, start_batch: int):
-        sampler.set_epoch(epoch, start_batch)
-        return DataLoader(train_view, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                          persistent_workers=False)
-
-    eval_loader = DataLoader(Subset(eval_ds, eval_idx), batch_size=cfg.batch_size, collate_fn=collate,
-                             num_workers=cfg.num_workers)
-    params = list(_unwrap(model).projector.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    autocast = _autocast(device)
-
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "eval_history": [], "metrics": {}}
-    if cfg.resume:
-        last = latest_checkpoint(out_dir)
-        if last is None:
-            if is_main:
-                print(f"[train] {ckpt_dir} 中没有检查点，从头开始训练。")
-        else:
-            state = load_checkpoint(last, model, optimizer)
-            if is_main:
-                print(f"[train] 从检查点 {last} 继续（第 {state['step']} 步）。")
-
-    writer = None
-    if is_main and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
-
-    show_idx = eval_idx[:cfg.caption_show_n]
-    acc_idx = eval_idx[:cfg.caption_eval_n]
-
-    def run_eval(step: int, tag: str) -> dict:
-        loss = evaluate_loss(model, eval_loader, device, autocast)
-        rec = {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
-        if is_main and show_idx:
-            pairs = generate_captions(model, tokenizer, eval_ds, show_idx)
-            rec["captions"] = pairs
-            if writer:
-                table = "| 生成 | 参考 |\n|---|---|\n" + "\n".join(f"| {g} | {r} |" for g, r in pairs)
-                writer.add_text("eval/captions", table, step)
-        if writer:
-            writer.add_scalar("eval/loss", loss, step)
-            writer.add_scalar("eval/ppl", rec["eval_ppl"], step)
-        if is_main:
-            print(f"[train] {tag}第 {step} 步评估：loss {loss:.4f}  ppl {rec['eval_ppl']:.2f}")
-        return rec
-
-    metrics = state["metrics"]
-    if state["step"] == 0 and is_main:
-        metrics["eval_loss_before"] = run_eval(0, "训练前 ")["eval_loss"]
-        if acc_idx and cfg.profile == "mini":
-            metrics["caption_accuracy_before"] = caption_accuracy(generate_captions(model, tokenizer, eval_ds, acc_idx))
-            print(f"[train] 训练前描述准确率：{metrics['caption_accuracy_before']:.2%}")
-    model.train()
-
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total_steps, initial=state["step"], desc="Stage 1 训练", disable=not (is_main and cfg.progress),
-               dynamic_ncols=True)
-    history = state["history"]
-    interrupted = False
-    t_start, samples_seen, data_wait = time.time(), 0, 0.0
-    epoch, batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-    it = iter(loader_for(epoch, batch_in_epoch))
+    cfg = config or TrainConfig.for_profile()
+    run = setup(cfg, model, tokenizer)
+    if run.is_main:
+        run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = _resume_or_start(run)
+    log = _Logger(run, state["step"])
+    if state["step"] == 0:
+        state["metrics"]["eval_loss_before"] = run_eval(run, 0, log, "训练前 ")["eval_loss"]
+        measure_captions(run, state["metrics"], "before")
+    run.model.train()
+    batches = run.batches(state)
+    t_start, samples, data_wait, interrupted = time.time(), 0, 0.0, False
     try:
-        while state["step"] < total_steps:
+        while state["step"] < run.total_steps:
             t0 = time.time()
-            micro = []
-            while len(micro) < cfg.grad_accum:
-                try:
-                    b = next(it)
-                except StopIteration:
-                    epoch, batch_in_epoch = epoch + 1, 0
-                    it = iter(loader_for(epoch, 0))
-                    continue
-                batch_in_epoch += 1
-                if b["skipped"] and is_main:
-                    print(f"[train] 跳过 {len(b['skipped'])} 个无法读取的样本：{b['skipped'][0].message}")
-                if b["input_ids"].numel():
-                    micro.append(b)
-            t_data = time.time() - t0
-            data_wait += t_data
-            step = state["step"]
-            lr = lr_at(step, total_steps, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            n_total = _all_reduce_sum(sum(_label_tokens(b) for b in micro), device)
-            loss_total = 0.0
-            for k, b in enumerate(micro):
-                sync = k == len(micro) - 1
-                ctx = model.projector.no_sync() if (distributed and not sync) else _null()
-                with ctx:
-                    loss_sum, _ = _batch_loss_sum(model, b, device, autocast)
-                    # Normalise by the global token count; DDP's gradient averaging is undone by * world.
-                    (loss_sum * world / max(n_total, 1.0)).backward()
-                loss_total += float(loss_sum.detach())
-            loss_value = _all_reduce_sum(loss_total, device) / max(n_total, 1.0)
-            if not math.isfinite(loss_value):
-                last = latest_checkpoint(out_dir)
-                raise TrainingError(
-                    f"第 {step} 步的损失是 {loss_value}（NaN/inf），训练已停止。最后一个完好的检查点："
-                    f"{last or '（尚无）'}。可以降低学习率（lr，当前 {cfg.lr}）后用 resume=True 继续。")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] = step + 1
-            n_samples = sum(b["input_ids"].shape[0] for b in micro) * world
-            samples_seen += n_samples
+            micro = next(batches)
+            data_wait += time.time() - t0
+            try:
+                rec = train_step(run.model, micro, run.optimizer, run.scheduler, autocast=run.autocast,
+                                 world_size=run.world_size)
+            except TrainingError as e:
+                raise TrainingError(f"第 {state['step']} 步：{e} 最后一个完好的检查点："
+                                    f"{latest_checkpoint(run.out_dir) or '（尚无）'}。可以降低学习率（lr，当前 "
+                                    f"{cfg.lr}）后用 resume=True 继续。") from None
+            state["step"] += 1
+            samples += sum(b["input_ids"].shape[0] for b in micro) * run.world_size
             elapsed = time.time() - t_start
-            rec = {"step": state["step"], "loss": loss_value, "ppl": math.exp(min(loss_value, 50)), "lr": lr,
-                   "samples_per_s": samples_seen / max(elapsed, 1e-9), "data_wait_frac": data_wait / max(elapsed, 1e-9)}
-            history.append(rec)
-            bar.update(1)
-            if is_main and (state["step"] % cfg.log_every == 0 or state["step"] == total_steps):
-                bar.set_postfix(loss=f"{loss_value:.3f}", ppl=f"{rec['ppl']:.1f}", lr=f"{lr:.2e}",
-                                sps=f"{rec['samples_per_s']:.1f}")
-                if writer:
-                    for k in ("loss", "ppl", "lr"):
-                        writer.add_scalar(f"train/{k}", rec[k], state["step"])
-                    writer.add_scalar("perf/samples_per_s", rec["samples_per_s"], state["step"])
-                    writer.add_scalar("perf/data_wait_frac", rec["data_wait_frac"], state["step"])
+            rec.update(step=state["step"], ppl=math.exp(min(rec["loss"], 50)), samples_per_s=samples / elapsed,
+                       data_wait_frac=data_wait / elapsed)
+            state["history"].append(rec)
+            done = state["step"] == run.total_steps
+            if run.is_main and (state["step"] % cfg.log_every == 0 or done):
+                log.step(rec)
                 if on_log:
-                    on_log(history)
-            state["epoch"], state["batch_in_epoch"] = epoch, batch_in_epoch
-            done = state["step"] == total_steps
-            if cfg.eval_every and (state["step"] % cfg.eval_every == 0) and not done:
-                state["eval_history"].append(run_eval(state["step"], ""))
-            if is_main and cfg.save_every and state["step"] % cfg.save_every == 0 and not done:
-                save_checkpoint(ckpt_dir, model, optimizer, _json_state(state, metrics), cfg.keep_last)
+                    on_log(state["history"])
+            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and not done:
+                state["eval_history"].append(run_eval(run, state["step"], log))
+            if run.is_main and cfg.save_every and state["step"] % cfg.save_every == 0 and not done:
+                save_checkpoint(run.ckpt_dir, run.model, run.optimizer, run.scheduler, state, cfg.keep_last)
     except KeyboardInterrupt:
         interrupted = True
-        if is_main:
-            state["epoch"], state["batch_in_epoch"] = epoch, batch_in_epoch
-            p = save_checkpoint(ckpt_dir, model, optimizer, _json_state(state, metrics), cfg.keep_last)
+        if run.is_main:
+            p = save_checkpoint(run.ckpt_dir, run.model, run.optimizer, run.scheduler, state, cfg.keep_last)
             print(f"\n[train] 已中断：检查点保存在 {p}；用 resume=True 可以从这里继续。")
     except torch.cuda.OutOfMemoryError as e:
         raise TrainingError(
-            "显存不足（CUDA out of memory）。可以调小 batch_size（当前 "
-            f"{cfg.batch_size}，可配合 grad_accum 保持等效批量）、调小 max_text_tokens（当前 {cfg.max_text_tokens}），"
-            "或打开 gradient_checkpointing=True。") from e
+            f"显存不足（CUDA out of memory）。可以调小 batch_size（当前 {cfg.batch_size}，可配合 grad_accum 保持等效"
+            f"批量）、调小 max_text_tokens（当前 {cfg.max_text_tokens}），或打开 gradient_checkpointing=True。") from e
     finally:
-        bar.close()
-
-    elapsed = time.time() - t_start
+        log.bar.close()
     if not interrupted:
-        final = run_eval(state["step"], "训练后 ")
-        state["eval_history"].append(final)
-        if is_main:
-            metrics["eval_loss_after"] = final["eval_loss"]
-            if acc_idx and cfg.profile == "mini":
-                metrics["caption_accuracy_after"] = caption_accuracy(
-                    generate_captions(model, tokenizer, eval_ds, acc_idx))
-                print(f"[train] 训练后描述准确率：{metrics['caption_accuracy_after']:.2%}")
-            metrics.update(
-                steps=state["step"], train_samples_per_s=samples_seen / max(elapsed, 1e-9),
-                data_wait_fraction=data_wait / max(elapsed, 1e-9), wall_seconds=elapsed, world_size=world,
-                device=str(device), attention=_unwrap(model).llm.config._attn_implementation,
-                eval_ppl_before=math.exp(min(metrics.get("eval_loss_before", 50), 50)),
-                eval_ppl_after=final["eval_ppl"])
-            save_projection(out_dir / "final", _unwrap(model), {"step": state["step"]})
-            save_checkpoint(ckpt_dir, model, optimizer, _json_state(state, metrics), cfg.keep_last)
-            atomic_write_json(out_dir / "metrics.json", metrics)
-            atomic_write_json(out_dir / "config.json", dataclasses.asdict(cfg))
-    if writer:
-        writer.close()
-    if distributed:
+        _finish(run, state, log, time.time() - t_start, samples, data_wait)
+    log.close()
+    if run.world_size > 1:
         torch.distributed.barrier()
-        _unwrap_projector(model)
-    return TrainResult(out_dir, history, metrics, interrupted)
-
-
-def _unwrap_projector(model):
-    if hasattr(model.projector, "module"):
-        model.projector = model.projector.module
-
-
-def _null():
-    import contextlib
-    return contextlib.nullcontext()
-
-
-def _json_state(state: dict, metrics: dict) -> dict:
-    return {"step": state["step"], "epoch": state["epoch"], "batch_in_epoch": state["batch_in_epoch"],
-            "history": state["history"], "eval_history": [
-                {k: v for k, v in e.items()} for e in state["eval_history"]], "metrics": metrics}
+        run.model.projector = _unwrap(run.model.projector)
+    return TrainResult(run.out_dir, state["history"], state["metrics"], interrupted)
 
 
 # ---------------------------------------------------------------------------------------------- logs
@@ -506,46 +534,24 @@ def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llava-train", description="LLaVA Stage 1 训练：只训练投影层，视觉塔与 LLM 冻结。")
-    p.add_argument("--profile", default="mini", choices=list(PROFILE_DEFAULTS), help="mini（迷你世界）或 full（真实模型）")
-    p.add_argument("--out", dest="out_dir", default=None, help="输出目录（默认 checkpoints/stage1-<profile>）")
-    p.add_argument("--resume", action="store_true", help="从输出目录中最后一个检查点继续")
-    helps = {"limit": "只用前 N 个训练样本", "batch_size": "每步（每个进程）的批量大小", "lr": "学习率",
-             "max_steps": "最多训练多少步", "epochs": "训练轮数", "grad_accum": "梯度累积步数",
-             "max_text_tokens": "文本最大词元数（不含图片的 197 个词元）", "eval_every": "每隔多少步评估一次",
-             "save_every": "每隔多少步保存检查点", "seed": "随机种子", "num_workers": "DataLoader 的进程数",
-             "projector_type": "投影层类型：linear 或 mlp2x_gelu", "feature_layer": "取视觉塔第几层的特征（-1 为最后一层）",
-             "device": "cpu / cuda", "caption_eval_n": "用多少张验证图片计算描述准确率", "warmup_ratio": "预热步数占比",
-             "weight_decay": "权重衰减", "keep_last": "保留最近几个检查点", "log_every": "每隔多少步记录一次",
-             "eval_limit": "验证样本数"}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("profile", "out_dir", "resume") or f.name not in helps:
-            continue
-        kind = {"int | None": int, "int": int, "float": float, "str": str, "str | None": str}.get(str(f.type), str)
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None, help=helps[f.name])
-    p.add_argument("--gradient-checkpointing", action="store_true", help="打开梯度检查点（省显存，慢一些）")
-    p.add_argument("--no-tensorboard", action="store_true", help="不写 TensorBoard 日志")
-    p.add_argument("--no-accelerate", action="store_true", help="GPU 上不编译（torch.compile）冻结的 LLM")
+def _parser():
+    import argparse
+    p = argparse.ArgumentParser(prog="llava-train", description="LLaVA Stage 1 训练：只训练投影层，视觉塔与 LLM 冻结。"
+                                "每个选项都对应 TrainConfig 的一个字段；不写的选项取配置档（--profile）的默认值。")
+    p.add_argument("--out", dest="out_dir", default=None, help="输出目录（同 --out-dir）")
+    cfg_mod.add_config_flags(p)
     return p
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items()
-                 if v is not None and k not in ("profile", "gradient_checkpointing", "no_tensorboard", "resume",
-                                                "no_accelerate")}
-    cfg = TrainConfig.for_profile(args.profile, **overrides, resume=args.resume,
-                                  gradient_checkpointing=args.gradient_checkpointing,
-                                  tensorboard=not args.no_tensorboard,
-                                  accelerate=False if args.no_accelerate else None)
     try:
+        cfg = cfg_mod.config_from_args(_parser().parse_args(argv))
         result = train(cfg)
-    except (TrainingError, cfg_mod.MissingResourceError) as e:
+    except (TrainingError, cfg_mod.MissingResourceError, cfg_mod.ConfigError) as e:
         print(f"错误：{e}", file=sys.stderr)
         return 2
     if result.metrics and int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in result.metrics.items()}, ensure_ascii=False))
+        print(json.dumps(result.metrics, ensure_ascii=False))
     return 130 if result.interrupted else 0
 
 

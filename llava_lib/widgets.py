@@ -68,6 +68,17 @@ def _split(text: str) -> tuple[str, str, bool]:
     return thinking, answer, "<think>" in text and "</think>" not in text
 
 
+def _end_note(session, text: str, stopped: bool) -> str:
+    """The grey note under a finished reply: stopped by the student, or cut off at the length limit."""
+    if stopped:
+        return "已停止"
+    if getattr(session, "finish_reason", None) == "length":
+        if _split(text)[2]:
+            return "思考被截断：达到最大生成长度，还没有回答"
+        return "回答被截断：达到最大生成长度"
+    return ""
+
+
 def _esc(text: str) -> str:
     return html.escape(text, quote=True)
 
@@ -76,7 +87,7 @@ def render_reply(text: str, *, streaming: bool = False, note: str = "") -> tuple
     """HTML of (thinking block, answer bubble) for one assistant reply; the thinking block is folded and grey.
 
     While the model is still thinking the block is open (so the student watches it grow); once the answer
-    starts it folds. ``note`` (e.g. "已停止") is appended in grey.
+    starts it folds. ``note`` (e.g. "已停止", or that the reply was cut off) is appended in grey.
     """
     thinking, answer, still_thinking = _split(text)
     thought_html = ""
@@ -318,8 +329,9 @@ class _ChatWidgetBase:
                              f"不足），然后重新发送；也可以先点「{self.clear_label}」。")
             self._set_status("")
         else:
-            bot.update(text, note="已停止" if stopped else "")
-            self._set_status("已停止。" if stopped else "回答完成。")
+            note = _end_note(self.session, text, stopped)
+            bot.update(text, note=note)
+            self._set_status(f"{note}。" if note else "回答完成。")
         after = len(self.session.history)
         if after == before and failed is not None:  # failed before the turn was recorded: take the bubbles out
             self._remove(user, bot)

@@ -44,6 +44,6 @@ def tiny_model(qwen_tokenizer):
 def mini_world():
     """The built mini world (``python -m llava_lib.mini build``; reused from its cache when present)."""
     from llava_lib import config
-    from llava_lib.mini import build
+    from llava_lib.mini.build import build
     meta = build()
     return config.mini_root(), meta

@@ -91,3 +91,62 @@ def test_describe_marks_what_exists(tmp_path):
     p.clip_path.mkdir(parents=True)
     text = p.describe()
     assert "✓ clip_path" in text and "✗ llm_path" in text
+
+
+def test_llava_toml_at_the_repo_root_is_found_from_notebooks(monkeypatch, tmp_path):
+    """A notebook kernel starts in notebooks/: the switch written at the repository root still applies."""
+    repo = tmp_path / "repo"
+    (repo / "notebooks").mkdir(parents=True)
+    (repo / "llava.toml").write_text('profile = "full"\n[full]\nbatch_size = 4\n', encoding="utf-8")
+    monkeypatch.setattr(config, "repo_root", lambda: repo)
+    monkeypatch.chdir(repo / "notebooks")
+    assert config.find_config_file() == repo / "llava.toml"
+    assert config.resolve().profile == "full"
+    cfg = config.TrainConfig.for_profile()
+    assert cfg.profile == "full" and cfg.batch_size == 4
+    # one line in a notebook still overrides it
+    assert config.resolve("mini").profile == "mini"
+    assert config.TrainConfig.for_profile("mini").batch_size == config.PROFILE_DEFAULTS["mini"]["batch_size"]
+
+
+def test_the_environment_switches_the_training_profile_too(monkeypatch):
+    monkeypatch.setenv("LLAVA_PROFILE", "full")
+    cfg = config.TrainConfig.for_profile()
+    assert cfg.profile == "full" and cfg.max_steps is None and cfg.caption_metric is None
+    assert cfg.paths.profile == "full"
+    monkeypatch.setenv("LLAVA_LLM_PATH", "/models/qwen")
+    assert config.TrainConfig.for_profile().paths.llm_path == Path("/models/qwen")
+
+
+def test_every_config_field_is_a_command_line_flag():
+    import argparse
+    import dataclasses
+    p = argparse.ArgumentParser()
+    config.add_config_flags(p)
+    dests = {a.dest for a in p._actions}
+    assert {f.name for f in dataclasses.fields(config.TrainConfig)} <= dests
+    args = p.parse_args(["--profile", "mini", "--max-steps", "7", "--lr", "0.5", "--no-tensorboard",
+                         "--gradient-checkpointing", "--projector-type", "mlp2x_gelu", "--limit", "12"])
+    cfg = config.config_from_args(args)
+    assert (cfg.max_steps, cfg.lr, cfg.tensorboard, cfg.gradient_checkpointing, cfg.projector_type, cfg.limit) == \
+        (7, 0.5, False, True, "mlp2x_gelu", 12)
+    assert cfg.batch_size == config.PROFILE_DEFAULTS["mini"]["batch_size"]  # unset flags keep the profile's value
+    with pytest.raises(SystemExit):
+        p.parse_args(["--max-steps", "many"])
+
+
+def test_unknown_settings_are_refused():
+    with pytest.raises(config.ConfigError, match="bacth_size"):
+        config.TrainConfig.for_profile("mini", bacth_size=3)
+
+
+def test_clip_path_accepts_the_modelscope_layout(tmp_path):
+    """A directory from `modelscope download` has no config.json; it is a complete Chinese-CLIP all the same."""
+    from llava_lib.model.convert_modelscope import MS_VISION_CONFIG
+    full = config.resolve("full", clip_path=str(tmp_path / "ms_clip"))
+    full.clip_path.mkdir()
+    with pytest.raises(config.MissingResourceError, match="ModelScope"):
+        full.require("clip_path")
+    (full.clip_path / MS_VISION_CONFIG).write_text("{}", encoding="utf-8")
+    (full.clip_path / "pytorch_model.bin").write_bytes(b"")
+    assert config.check_path(full, "clip_path") == full.clip_path

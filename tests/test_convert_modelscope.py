@@ -151,6 +151,7 @@ def test_small_full_clip_matches_modelscope_image_and_text():
     assert torch.equal(hf.logit_scale.detach(), ms.logit_scale.detach())
 
 
+@pytest.mark.slow
 def test_real_size_vit_b16_matches_modelscope():
     t0 = time.perf_counter()
     ms = make_ms_clip(REAL_VISION_MS_CONFIG, seed=3)
@@ -250,13 +251,25 @@ def ms_dir(tmp_path_factory):
     return d, ms
 
 
-def test_load_chinese_clip_converts_a_modelscope_dir(ms_dir):
+def test_load_chinese_clip_converts_a_modelscope_dir_once(ms_dir, tmp_path, monkeypatch, capsys):
     d, ms = ms_dir
+    monkeypatch.setenv("LLAVA_HOME", str(tmp_path / "home"))
     assert cm.is_modelscope_layout(d) and not cm.is_transformers_layout(d)
     hf = cm.load_chinese_clip(d)
+    converted = cm.converted_dir_for(d)
+    assert converted.parent == tmp_path / "home" / "converted" and cm.is_converted_dir(converted)
+    assert "转换完成" in capsys.readouterr().out
     x = _images(1)
     with torch.no_grad():
         assert (hf.get_image_features(pixel_values=x).pooler_output - ms.encode_image(x)).abs().max() < ATOL
+    stamp = (converted / "model.safetensors").stat().st_mtime_ns
+    again = cm.load_chinese_clip(d)  # the cached copy, announced in one line
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and str(converted) in out[0]
+    assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
+    with torch.no_grad():
+        assert torch.equal(again.get_image_features(pixel_values=x).pooler_output,
+                           hf.get_image_features(pixel_values=x).pooler_output)
 
 
 def test_convert_modelscope_dir_writes_a_from_pretrained_dir(ms_dir, tmp_path):
@@ -282,7 +295,7 @@ def test_convert_modelscope_dir_writes_a_from_pretrained_dir(ms_dir, tmp_path):
     want = [ms_tok.vocab["[CLS]"]] + ms_tok.convert_tokens_to_ids(ms_tok.tokenize(text)) + [ms_tok.vocab["[SEP]"]]
     assert proc.tokenizer(text)["input_ids"] == want
     ip = proc.image_processor
-    assert list(ip.image_mean) == cm.CLIP_MEAN and list(ip.image_std) == cm.CLIP_STD
+    assert list(ip.image_mean) == list(cm.CLIP_MEAN) and list(ip.image_std) == list(cm.CLIP_STD)
     assert ip.size["height"] == ip.size["width"] == 224 and not ip.do_center_crop
     from PIL import Image
 

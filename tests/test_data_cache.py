@@ -100,7 +100,7 @@ def test_faults_are_skipped_counted_and_good_images_all_arrive(tmp_path):
         # A rerun fetches nothing that is done or failed for good; only transient failures are retried.
         hits = dict(server.hits)
         again = prepare_cache(src, out, shard_rows=5, **FAST)
-        transient = {p for p, r in EXPECTED_REASONS.items() if r in ("timeout", "http_503")}
+        transient = {p for p, r in EXPECTED_REASONS.items() if r in ("timeout", "http_503", "http_403")}
         changed = {p for p in server.hits if server.hits[p] != hits.get(p, 0)}
         assert changed == transient
         assert again.cached_new == 0 and again.cached_total == len(good)
@@ -151,11 +151,12 @@ def test_cache_refuses_other_source_and_second_writer(tmp_path):
             with pytest.raises(CacheError, match="另一个进程"):
                 prepare_cache(src, out, **FAST)
         finally:
-            held.close()
+            held.release()
     finally:
         server.close()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
     """Kill a real `python -m llava_lib.data prepare` twice mid-run; the third run finishes the rest."""
     server, src, good, faults = _world(tmp_path, n_good=60, delay=0.04)
@@ -211,7 +212,8 @@ def test_ctrl_c_keeps_fetched_rows(tmp_path):
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 30
-        while sum(server.hits.values()) < 6 and time.monotonic() < deadline:
+        # The first 8 requests are the download estimate's sample; then 6 fetches into the cache.
+        while sum(server.hits.values()) < 8 + 6 and time.monotonic() < deadline:
             time.sleep(0.005)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
@@ -264,3 +266,96 @@ def test_mini_url_prefix_matches_mini_world():
     from llava_lib.data.cli import MINI_URL_PREFIX
 
     assert MINI_URL_PREFIX.rstrip("/") == mini.MINI_URL_BASE.rstrip("/")
+
+
+def _plain_world(tmp_path, shard_sizes=(4, 4, 4), delay=0.0, same_image=False):
+    """A server with one good image per row and an SA1B source split into shards of the given sizes."""
+    n = sum(shard_sizes)
+    jpegs, caps = scene_jpegs(n, 11), scene_captions(n, 11)
+    if same_image:
+        jpegs = [jpegs[0]] * n
+    server = ImageServer({f"/p/{i:04d}.jpg": j for i, j in enumerate(jpegs)}, delay=delay).start()
+    data = tmp_path / "src" / "data"
+    data.mkdir(parents=True)
+    first = 0
+    for k, size in enumerate(shard_sizes):
+        rows = range(first, first + size)
+        write_sa1b(data / f"train-{k:05d}-of-{len(shard_sizes):05d}.parquet",
+                   [server.url(f"/p/{i:04d}.jpg") for i in rows], [caps[i] for i in rows])
+        first += size
+    return server, tmp_path / "src", jpegs, caps
+
+
+def test_estimate_counts_rows_and_times_a_sample(tmp_path):
+    from llava_lib.data import estimate_download
+
+    server, src, jpegs, _ = _plain_world(tmp_path, (20, 20), delay=0.1, same_image=True)
+    out = tmp_path / "cache"
+    try:
+        est = estimate_download(src, out, workers=4, sample=8)
+        assert est.rows_in_range == 40 and est.todo == 40 and est.sampled == 8 and not est.failed
+        assert sum(server.hits.values()) == 8 and max(server.hits.values()) == 1  # 8 distinct rows, fetched once
+        assert est.mean_bytes == len(jpegs[0]) and est.total_bytes == 40 * len(jpegs[0])
+        assert est.eta_s >= 40 * 0.1 / 4 * 0.9  # each sampled request took the server's 0.1 s at least
+        text = est.summary()
+        assert "估" in text and "40 行" in text and "4 个并发" in text
+        assert not out.exists()  # estimating writes nothing
+
+        prepare_cache(src, out, limit=10, **FAST)
+        hits = dict(server.hits)
+        again = estimate_download(src, out, workers=4, sample=8)
+        assert again.todo == 30
+        fetched_again = {p for p in server.hits if server.hits[p] != hits.get(p, 0)}
+        assert fetched_again and all(int(p[3:7]) >= 10 for p in fetched_again)  # only rows not cached yet
+    finally:
+        server.close()
+
+
+def test_estimate_reports_expired_links(tmp_path):
+    from llava_lib.data import estimate_download
+    from llava_lib.data.fetch import REFRESH_LINKS_CMD
+    from llava_lib.data.testing import Fault
+
+    jpegs = scene_jpegs(1, 2)
+    with ImageServer({"/ok.jpg": jpegs[0]}, {"/old.jpg": Fault("status", status=403)}) as srv:
+        src = write_sa1b(tmp_path / "s.parquet", [srv.url("/old.jpg")] * 3 + [srv.url("/ok.jpg")], ["a", "b", "c", "d"])
+        est = estimate_download(src, tmp_path / "cache", sample=8)
+    assert est.sampled == 4 and est.failed == {"http_403": 3} and len(est.sizes) == 1
+    assert REFRESH_LINKS_CMD in est.summary() and "过期" in est.summary()
+
+
+def test_cli_dry_run_estimates_and_fetches_nothing(tmp_path, capsys):
+    server, src, _, _ = _plain_world(tmp_path, (6, 6))
+    out = tmp_path / "cache"
+    try:
+        assert main(["prepare", "--src", str(src), "--out", str(out), "--dry-run", "--no-progress"]) == 0
+        assert sum(server.hits.values()) == 8  # the sample only
+    finally:
+        server.close()
+    text = capsys.readouterr().out
+    assert "估算" in text and "12 行" in text and "--dry-run" in text
+    assert not shard_paths(out)
+
+
+def test_cli_full_profile_holds_out_the_last_shard_for_eval(tmp_path, monkeypatch, capsys):
+    """--profile full without an eval directory: eval = the first --eval-limit rows of the last shard, and the
+    training cache reads the other shards only (the course's held-out evaluation)."""
+    from llava_lib import config
+
+    for var in config.ENV_VARS.values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("LLAVA_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    server, src, _, caps = _plain_world(tmp_path, (4, 3, 5))
+    monkeypatch.setenv("LLAVA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LLAVA_DATA_ROOT", str(src))
+    monkeypatch.setenv("LLAVA_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        assert main(["prepare", "--profile", "full", "--eval-limit", "3", "--workers", "2", "--no-progress"]) == 0
+    finally:
+        server.close()
+    assert "验证集" in capsys.readouterr().out
+    train = CachedImageDataset(tmp_path / "cache" / "train", transform=None)
+    evals = CachedImageDataset(tmp_path / "cache" / "eval", transform=None)
+    assert [s["caption"] for s in train] == caps[:7]
+    assert [s["caption"] for s in evals] == caps[7:10]

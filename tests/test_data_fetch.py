@@ -57,12 +57,35 @@ def test_404_not_retried_5xx_and_stall_retried(server):
     assert server.hits["/fault/503.jpg"] == 3 and server.hits["/fault/stall.jpg"] == 3
 
 
-def test_429_honours_retry_after(jpegs):
-    fault = Fault("flaky", status=429, times=1, retry_after=0)
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_then_200(jpegs, status):
+    """Two answers with Retry-After: 1, then the image. The header sets the wait: without it the second retry would
+    wait the 30 s backoff (the test would time out), with it the whole fetch takes about 2 s."""
+    fault = Fault("flaky", status=status, times=2, retry_after=1)
     with ImageServer({"/r.jpg": jpegs[0]}, {"/r.jpg": fault}) as srv:
-        t0 = time.monotonic()  # a backoff of 30 s would apply without the header
+        t0 = time.monotonic()
         assert fetch_image(srv.url("/r.jpg"), **{**OPTS, "backoff": 30}).size == (224, 224)
-        assert srv.hits["/r.jpg"] == 2 and time.monotonic() - t0 < 5
+        elapsed = time.monotonic() - t0
+    assert srv.hits["/r.jpg"] == 3
+    assert 1.8 <= elapsed < 10, elapsed
+
+
+def test_a_long_retry_after_is_capped():
+    from llava_lib.data.fetch import MAX_RETRY_AFTER, retry_policy
+
+    assert retry_policy().parse_retry_after("3600") == MAX_RETRY_AFTER == 30
+
+
+def test_403_is_an_expired_link_not_retried_now_but_later(server):
+    from llava_lib.data.fetch import REFRESH_LINKS_CMD, reason_label
+
+    url = server.url("/fault/403.jpg")
+    with pytest.raises(FetchError) as e:
+        fetch_image(url, **OPTS)
+    assert e.value.reason == "http_403" and e.value.transient  # a rerun with fresh links may succeed
+    assert url in e.value.message and "过期" in e.value.message and REFRESH_LINKS_CMD in e.value.message
+    assert server.hits["/fault/403.jpg"] == 1  # retrying an expired link at once cannot help
+    assert "过期" in reason_label("http_403")
 
 
 def test_connection_refused_is_transient():

@@ -65,3 +65,26 @@ def test_eval_images_come_from_the_eval_split_or_the_train_tail(mini_world, tmp_
     images, captions = explain.eval_images(no_eval, 2)
     train_caps = CachedImageDataset(paths.cache_dir / "train", transform=None).captions
     assert captions == train_caps[-2:]
+
+
+def test_tensorboard_routes_name_what_works_remotely():
+    from llava_lib.explain import tensorboard_routes
+    local = tensorboard_routes("/runs/tb", environ={}, has_server_proxy=False)
+    assert "同一台机器" in local and "空白" not in local
+    remote = tensorboard_routes("/runs/tb", port=6010, environ={"SSH_CONNECTION": "1.2.3.4 5 6.7.8.9 22"},
+                                has_server_proxy=False)
+    assert "空白" in remote and "/proxy/6010/" in remote and "ssh -L 6010:localhost:6010" in remote
+    assert "pip install jupyter-server-proxy" in remote and "/runs/tb" in remote
+    assert "已安装" in tensorboard_routes("/x", environ={"JUPYTERHUB_API_URL": "http://hub"}, has_server_proxy=True)
+
+
+def test_real_size_model_counts_without_weights():
+    """The real run's table, built from the published configs on the meta device (no download)."""
+    from llava_lib.explain import parameter_counts, real_size_model
+    model = real_size_model()
+    counts = {name: (n, t) for name, n, t in parameter_counts(model)}
+    proj = [v for k, v in counts.items() if "projector" in k][0]
+    assert proj == (768 * 1024 + 1024, 768 * 1024 + 1024) == (787_456, 787_456)
+    llm = [v for k, v in counts.items() if "Qwen3" in k][0]
+    assert 0.59e9 < llm[0] < 0.60e9 and llm[1] == 0  # Qwen3-0.6B: 0.44B non-embedding + 151,936 x 1,024 embedding
+    assert model.num_image_tokens == 197 and model.vision.hidden_size == 768

@@ -135,6 +135,7 @@ def test_clip_word_targets_give_exactly_what_the_lm_reads(qwen_tokenizer):
     assert checked >= 10
 
 
+@pytest.mark.slow
 def test_lm_build_process_failure_names_the_cause_and_the_command(tmp_path):
     """The LM trains in a child process during the build; when it dies, the build says why and what to run."""
     import importlib

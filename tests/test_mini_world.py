@@ -47,6 +47,46 @@ def test_second_build_reuses_the_cache(mini_world):
     assert again["metrics"] == meta["metrics"]
 
 
+def test_a_second_build_waits_for_the_first_and_reuses_it(tmp_path, monkeypatch):
+    """Two builds at once (two notebooks): the second waits on the lock, then finds the first one's build.json and
+    builds nothing itself. Here the "first build" is the test holding the lock and then writing a finished world."""
+    import importlib
+    import threading
+    from dataclasses import asdict
+
+    from filelock import FileLock
+
+    build_module = importlib.import_module("llava_lib.mini.build")  # the module (the package exports a function)
+
+    def must_not_build(*args):
+        raise AssertionError("the waiting build started building")
+
+    monkeypatch.setattr(build_module, "_build_steps", must_not_build)
+    root, spec, result = tmp_path / "mini", build_module.BuildSpec(), {}
+
+    def second_build():
+        try:
+            result["meta"] = build_mini(root, spec)
+        except BaseException as e:  # shown by the assertion below
+            result["error"] = e
+
+    with FileLock(tmp_path / ".mini.lock"):  # the first build, still running
+        waiter = threading.Thread(target=second_build)
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and not result  # waiting, not building
+        for sub in ("clip", "llm"):
+            (root / sub).mkdir(parents=True)
+            (root / sub / "config.json").write_text("{}")
+        for sub in ("cache/train", "cache/eval"):
+            (root / sub).mkdir(parents=True)
+        (root / "build.json").write_text(json.dumps({"spec": asdict(spec), "metrics": {"ok": True, "first": 1}}))
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert result.get("meta", {}).get("metrics") == {"ok": True, "first": 1}, result
+
+
+@pytest.mark.slow
 def test_check_command_prints_one_json_line(mini_world):
     out = subprocess.run([sys.executable, "-m", "llava_lib.mini", "check"], capture_output=True, text=True,
                          timeout=300, cwd=REPO)
@@ -128,6 +168,7 @@ def test_mini_profile_resolves_to_the_built_world(mini_world):
     assert p.require("clip_path", "llm_path", "data_root", "eval_data_root").llm_path == root / "llm"
 
 
+@pytest.mark.slow
 def test_mini_llm_answers_after_thinking_with_a_system_prompt(mini_world):
     """What the 01 notebook's chat widget does: a system prompt, thinking on. The mini LM must close its think
     block and then answer (a v8 build without system prompts in its corpus never closed it: an empty answer)."""

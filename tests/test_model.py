@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from llava_lib import process
-from llava_lib.chat import ChatSession, GenerationConfig, generate_tokens
+from llava_lib.chat import ChatSession
 from llava_lib.model.checkpoint import CheckpointMismatchError, load_projection, save_projection
 
 from conftest import tiny_llava
@@ -124,22 +124,27 @@ def _no_cache_greedy(llm, embeds, n, stop):
     return out
 
 
-def test_kv_cache_greedy_equals_no_cache_loop(qwen_tokenizer, tiny_model):
-    session = ChatSession(tiny_model, qwen_tokenizer, image=Image.new("RGB", (300, 200), (200, 30, 30)))
+GREEDY = {"do_sample": False}
+
+
+def test_greedy_chat_equals_no_cache_loop(qwen_tokenizer, tiny_model):
+    """The chat path (generate with its KV cache, streamed) against a full re-run of the sequence every step."""
+    session = ChatSession(tiny_model, qwen_tokenizer, image=Image.new("RGB", (300, 200), (200, 30, 30)),
+                          generation={**GREEDY, "max_new_tokens": 12})
     ids = torch.tensor([session.prompt_ids("请描述这张图片。")])
     with torch.no_grad():
         embeds = tiny_model.embed(ids, session._pixels)
-        stop = {151645, 151643}
-        cached = list(generate_tokens(tiny_model.llm, embeds, stop, GenerationConfig(max_new_tokens=12)))
-        ref = _no_cache_greedy(tiny_model.llm, embeds, 12, stop)
-    assert cached == ref and len(cached) > 0
+        ref = _no_cache_greedy(tiny_model.llm, embeds, 12, {151645, 151643})
+    reply = session.ask("请描述这张图片。")
+    assert len(ref) > 0 and reply == qwen_tokenizer.decode(ref, skip_special_tokens=True)
+    assert session.finish_reason == ("length" if len(ref) == 12 else "eos")
 
 
 def test_stream_concatenates_to_reply_and_history_keeps_one_image(qwen_tokenizer, tiny_model):
     image = Image.new("RGB", (224, 224), (30, 30, 200))
-    s1 = ChatSession(tiny_model, qwen_tokenizer, image=image, generation=GenerationConfig(max_new_tokens=10))
+    s1 = ChatSession(tiny_model, qwen_tokenizer, image=image, generation={**GREEDY, "max_new_tokens": 10})
     pieces = list(s1.stream("请描述这张图片。"))
-    s2 = ChatSession(tiny_model, qwen_tokenizer, image=image, generation=GenerationConfig(max_new_tokens=10))
+    s2 = ChatSession(tiny_model, qwen_tokenizer, image=image, generation={**GREEDY, "max_new_tokens": 10})
     assert "".join(pieces) == s2.ask("请描述这张图片。")
     s1.ask("左上方是什么？")
     ids = s1.prompt_ids("还有别的吗？")
@@ -150,10 +155,12 @@ def test_stream_concatenates_to_reply_and_history_keeps_one_image(qwen_tokenizer
 
 
 def test_sampling_is_seeded_and_respects_top_k(qwen_tokenizer, tiny_model):
-    cfg = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=1.0, top_k=1, seed=3)
-    a = ChatSession(tiny_model, qwen_tokenizer, generation=cfg).ask("你好")
-    greedy = ChatSession(tiny_model, qwen_tokenizer, generation=GenerationConfig(max_new_tokens=8)).ask("你好")
-    assert a == greedy  # top_k=1 sampling is greedy
+    sampled = [ChatSession(tiny_model, qwen_tokenizer, generation={"max_new_tokens": 8, "temperature": 5.0},
+                           seed=s).ask("你好") for s in (3, 3, 4)]
+    assert sampled[0] == sampled[1] != sampled[2]  # temperature 5 over 151,936 tokens: two seeds part at once
+    top1 = ChatSession(tiny_model, qwen_tokenizer, generation={"max_new_tokens": 8, "top_k": 1}, seed=3).ask("你好")
+    greedy = ChatSession(tiny_model, qwen_tokenizer, generation={**GREEDY, "max_new_tokens": 8}).ask("你好")
+    assert top1 == greedy  # top_k=1 sampling is greedy
 
 
 def test_projection_checkpoint_round_trip_and_mismatch(qwen_tokenizer, tiny_model, tmp_path):
@@ -176,7 +183,8 @@ def test_projection_checkpoint_round_trip_and_mismatch(qwen_tokenizer, tiny_mode
 def test_zero_rows_head_loss_is_the_full_vocabulary_loss():
     """The mini LM's head: a few live rows, the rest exactly zero. The cheap loss equals the full 151,936-way one
     (value and gradient), also for labels that fall on zero rows; a dense or trainable head keeps the general loss."""
-    from llava_lib.model.llava import lean_causal_lm_loss, zero_rows_head_loss
+    from llava_lib.mini.loss import zero_rows_head_loss
+    from llava_lib.model.llava import lean_causal_lm_loss
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 151936, bias=False).requires_grad_(False)
     live = torch.randperm(151936)[:120]
@@ -188,7 +196,7 @@ def test_zero_rows_head_loss_is_the_full_vocabulary_loss():
     labels[0, 5] = 7 if 7 not in live else 8  # a zero row's token: its logit is exactly 0
     labels[:, :10] = -100
     fast = zero_rows_head_loss(head)
-    assert fast is not None
+    assert fast is not lean_causal_lm_loss
     results = []
     for fn in (lean_causal_lm_loss, fast):
         out = fn(head, hidden, labels)
@@ -199,5 +207,5 @@ def test_zero_rows_head_loss_is_the_full_vocabulary_loss():
     assert abs(la - lb) <= 1e-5 * abs(la)
     # float32 rounding of the 151,936-way sum in the general loss: ~1e-4 of the largest gradient
     assert torch.allclose(ga, gb, rtol=1e-4, atol=5e-4 * float(ga.abs().max()))
-    assert zero_rows_head_loss(torch.nn.Linear(16, 1000, bias=False).requires_grad_(False)) is None  # dense
-    assert zero_rows_head_loss(head.requires_grad_(True)) is None  # a head that trains may not stay zero
+    assert zero_rows_head_loss(torch.nn.Linear(16, 1000, bias=False).requires_grad_(False)) is lean_causal_lm_loss  # dense
+    assert zero_rows_head_loss(head.requires_grad_(True)) is lean_causal_lm_loss  # a head that trains may not stay zero

@@ -111,3 +111,17 @@ def test_mini_clip_finds_the_image_of_a_caption(mini_world):
         # A caption that two images share: either image is a right answer.
         hits += sum(captions[g + top_k(scores[i], 1)[0].index] == captions[g + i] for i in range(len(scores)))
     assert hits / n >= 0.6, hits
+
+
+def test_matching_uses_the_training_geometry(tiny_clip_dir):
+    """A 3:2 photo is squashed whole to 224x224 for matching, as for training and chat (no centre crop)."""
+    from llava_lib.process import IMAGE_SIZE, clip_transform
+    m = ClipMatcher.from_pretrained(tiny_clip_dir, device="cpu")
+    wide = Image.new("RGB", (300, 200), (200, 30, 30))
+    wide.paste((30, 30, 200), (0, 0, 60, 200))  # a blue band at the left edge, which a centre crop would cut off
+    pixels = clip_transform(wide)
+    assert pixels.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert float(pixels[2, :, :20].mean()) > float(pixels[0, :, :20].mean())  # the band is still there, at the left
+    expected = torch.nn.functional.normalize(
+        m.model.get_image_features(pixel_values=pixels[None]).pooler_output.float(), dim=-1)
+    torch.testing.assert_close(m.encode_images([wide]), expected, atol=1e-5, rtol=1e-5)

@@ -11,10 +11,8 @@ import http.server
 import io
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
-import torch
 from PIL import Image
 
 from llava_lib.chat import ChatSession
@@ -280,61 +278,32 @@ def test_css_classes_for_the_browser_test():
     assert w._repr_mimebundle_()["application/vnd.jupyter.widget-view+json"]["model_id"] == w.widget.model_id
 
 
-def test_real_chat_session_stream_is_stopped_through_the_event():
-    """The real ChatSession.stream / generate_tokens over a scripted LLM: 停止 reaches the decoding loop."""
-    vocab = list("好的，这是一个回答。") + ["<|im_end|>", "<|endoftext|>"]
-    end = vocab.index("<|im_end|>")
-
-    class Tokenizer:
-        eos_token_id = end
-
-        def convert_tokens_to_ids(self, token):
-            return vocab.index(token) if token in vocab else None
-
-        def decode(self, ids, skip_special_tokens=False):
-            return "".join(vocab[i] for i in ids)
-
-    class LLM:
-        def __init__(self, script, delay):
-            self.script, self.delay, self.calls = script, delay, 0
-
-        def forward(self, inputs_embeds=None, input_ids=None, past_key_values=None, use_cache=True,
-                    logits_to_keep=None, **kw):
-            step = 0 if past_key_values is None else past_key_values + 1
-            self.calls += 1
-            time.sleep(self.delay)
-            logits = torch.full((1, 1, len(vocab)), -1e4)
-            logits[0, -1, self.script[step] if step < len(self.script) else end] = 0.0
-            return SimpleNamespace(logits=logits, past_key_values=step)
-
-        __call__ = forward
-
-    class Session(ChatSession):
-        def prompt_ids(self, question):
-            return [0, 1]
-
-    def make(delay, n):
-        script = [i % (len(vocab) - 2) for i in range(n)]
-        model = SimpleNamespace(llm=LLM(script, delay), device="cpu", vision=None, num_image_tokens=0,
-                                embed=lambda ids, pixels: torch.zeros(1, ids.shape[1], 4))
-        return Session(model, Tokenizer()), "".join(vocab[i] for i in script)
-
-    session, full = make(0.0, 10)
-    w = TextChatWidget(session)
-    ask(w, "你好")
-    assert w.error == "", w.error
-    assert w.last_reply == full and w.history[-1]["content"] == full
-
-    session, full = make(0.03, 200)
-    session.generation.max_new_tokens = 500
+def test_real_chat_session_is_stopped_through_the_event(qwen_tokenizer):
+    """The real ChatSession.stream over a tiny Qwen3: 停止 reaches transformers' generate (its stopping criteria);
+    a reply that reaches max_new_tokens is marked as cut off."""
+    from conftest import tiny_llava
+    model = tiny_llava(qwen_tokenizer)
+    steps: list[int] = []
+    model.llm.register_forward_pre_hook(lambda module, args: (steps.append(1), time.sleep(0.03)) and None)
+    # min_new_tokens: the random model must not end early by drawing an end token
+    session = ChatSession(model, qwen_tokenizer, generation={"do_sample": False, "max_new_tokens": 300,
+                                                             "min_new_tokens": 300})
     w = TextChatWidget(session)
     w.question.value = "长一点"
     w.send()
-    wait_until(lambda: len(w.last_pieces) >= 3, what="the first tokens")
+    wait_until(lambda: len(steps) >= 5, what="the first tokens")
     w.stop()
     assert w.wait(2.0)
-    assert 3 <= len(w.last_pieces) < len(full) and w.history[-1]["content"] == w.last_reply
-    assert session.model.llm.calls < 100
+    assert w.error == "", w.error
+    assert 5 <= len(steps) < 100 and session.finish_reason == "stopped"
+    assert w.history[-1]["content"] == w.last_reply
+    assert "已停止" in w.history_html and "已停止" in w.status
+
+    session.generation = {"do_sample": False, "max_new_tokens": 4, "min_new_tokens": 4}
+    steps.clear()
+    ask(w, "短一点")
+    assert len(steps) == 4 and session.finish_reason == "length"
+    assert "回答被截断" in w.history_html and "回答被截断" in w.status
 
 
 # ----------------------------------------------------------------------------------------------- image chat

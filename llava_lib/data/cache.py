@@ -1,4 +1,7 @@
-"""Fetch every image once, concurrently, into local parquet shards of 224 px JPEGs (DESIGN.md, decision 7).
+"""Fetch every image once, concurrently, into local parquet shards of 224 px JPEGs.
+
+Training then reads local files only: no network in the training loop, and a dead link costs one failed request
+once, not one per epoch.
 
 On disk (``out``)::
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -24,10 +28,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from ..process import IMAGE_SIZE, resize_center_crop
-from .fetch import DEFAULT_MAX_BYTES, DEFAULT_RETRIES, FetchError, fetch_image, reason_label
+from ..process import IMAGE_SIZE, resize_square
+from .fetch import (DEFAULT_MAX_BYTES, DEFAULT_RETRIES, REFRESH_LINKS_CMD, FetchError, fetch_bytes, fetch_image,
+                    reason_label)
 from .reader import Row, list_shards, read_sa1b
 
 FORMAT_VERSION = 1
@@ -175,19 +181,18 @@ class _ShardWriter:
         self.rows, self.nbytes = [], 0
 
 
-def _lock(cache_dir: Path):
-    """An exclusive lock on the cache dir: two builders writing one cache would duplicate rows."""
+def _lock(cache_dir: Path) -> FileLock:
+    """An exclusive lock on the cache dir: two builders writing one cache would duplicate rows.
+
+    Not waited for: a second ``prepare`` on the same directory is a mistake to report, not to queue. The operating
+    system drops the lock when its process dies, also on SIGKILL, so a killed run never leaves the directory locked.
+    """
+    lock = FileLock(cache_dir / ".lock")
     try:
-        import fcntl
-    except ImportError:  # not on Windows; one builder at a time is then the user's job
-        return None
-    f = open(cache_dir / ".lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
+        lock.acquire(timeout=0)
+    except Timeout:
         raise CacheError(f"另一个进程正在写入缓存目录 {cache_dir}。请等它结束，或换一个 --out 目录。") from None
-    return f  # the kernel releases the lock when the process dies, also on SIGKILL
+    return lock
 
 
 def _check_meta(cache_dir: Path, src_files: list[Path], image_size: int, quality: int) -> None:
@@ -202,6 +207,134 @@ def _check_meta(cache_dir: Path, src_files: list[Path], image_size: int, quality
                     f"请换一个 --out 目录，或删除该目录后重新生成。")
         return
     atomic_write_bytes(path, json.dumps(meta, ensure_ascii=False, indent=1).encode())
+
+
+# ------------------------------------------------------------------------------------------ the estimate
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _human_seconds(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} 秒"
+    if s < 90 * 60:
+        return f"{s / 60:.0f} 分钟"
+    return f"{s / 3600:.1f} 小时"
+
+
+@dataclass
+class DownloadEstimate:
+    """What ``prepare`` is about to download, estimated from a few sampled URLs fetched now."""
+
+    rows_in_range: int
+    todo: int                       # rows not yet cached and not failed for good
+    workers: int
+    sampled: int = 0
+    sizes: list = field(default_factory=list)       # bytes of each sampled download that arrived
+    seconds: list = field(default_factory=list)     # wall time of each of those downloads
+    wall_s: float = 0.0                             # the whole sample, fetched concurrently
+    failed: dict = field(default_factory=dict)      # reason -> count among the sample
+
+    @property
+    def mean_bytes(self) -> float | None:
+        return sum(self.sizes) / len(self.sizes) if self.sizes else None
+
+    @property
+    def total_bytes(self) -> float | None:
+        return None if self.mean_bytes is None else self.mean_bytes * self.todo
+
+    @property
+    def eta_s(self) -> float | None:
+        """``todo`` downloads, ``workers`` at a time, each taking the sample's mean time (bandwidth may cap it)."""
+        if not self.seconds:
+            return None
+        return self.todo * (sum(self.seconds) / len(self.seconds)) / max(1, self.workers)
+
+    def summary(self) -> str:
+        lines = [f"下载前估算（抽样 {self.sampled} 个地址，只是估计值）：",
+                 f"  范围内 {self.rows_in_range} 行，其中 {self.todo} 行还需要下载"]
+        if self.todo == 0:
+            lines.append("  全部已完成或已判定失败，无需下载。")
+            return "\n".join(lines)
+        if self.sizes:
+            rate = sum(self.sizes) / max(self.wall_s, 1e-9)
+            lines.append(f"  抽样：{len(self.sizes)}/{self.sampled} 个成功，平均每张 {_human_bytes(self.mean_bytes)}，"
+                         f"单张约 {sum(self.seconds) / len(self.seconds):.2f} 秒（抽样时 {self.sampled} 个并发，"
+                         f"合计 {_human_bytes(rate)}/秒）")
+            lines.append(f"  预计下载约 {_human_bytes(self.total_bytes)}，按 {self.workers} 个并发约需 "
+                         f"{_human_seconds(self.eta_s)}（实际取决于网络和图片服务器）")
+        for reason, n in sorted(self.failed.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  抽样中失败 {n} 个：{reason_label(reason)} [{reason}]")
+        if self.sampled and not self.sizes:
+            lines.append("  抽样的地址全部失败，无法估计大小和用时；请先看上面的原因。")
+        if self.failed.get("http_403"):
+            lines.append(f"  HTTP 403 多半表示链接已过期（SA-1B 的图片地址是带签名的临时链接）：运行 "
+                         f"`{REFRESH_LINKS_CMD}` 重新下载数据分片可以得到新链接。")
+        return "\n".join(lines)
+
+
+def _sample_urls(src_files: list[Path], start: int, stop: int, skip: set[int], k: int, seed: int) -> list[str]:
+    """Up to ``k`` URLs of rows in ``[start, stop)`` not in ``skip``, spread over the range; only the ``url``
+    column of the shards that hold them is read."""
+    rng = random.Random(seed)
+    n = stop - start
+    candidates = rng.sample(range(start, stop), min(n, 4 * k)) if n > 0 else []
+    picked = sorted([rid for rid in candidates if rid not in skip][:k])  # candidates come in random order
+    urls, offset = [], 0
+    for path in src_files:
+        rows = pq.ParquetFile(path).metadata.num_rows
+        mine = [rid - offset for rid in picked if offset <= rid < offset + rows]
+        if mine:
+            column = pq.read_table(path, columns=["url"]).column("url")
+            urls.extend(u for u in (column[i].as_py() for i in mine) if isinstance(u, str) and u.strip())
+        offset += rows
+        if offset >= stop:
+            break
+    return urls
+
+
+def estimate_download(src, out, *, limit: int | None = None, start: int = 0, workers: int = 16, sample: int = 8,
+                      url_rewrite: tuple[str, str] | None = None, timeout: float = 20.0,
+                      max_bytes: int = DEFAULT_MAX_BYTES, seed: int = 0) -> DownloadEstimate:
+    """Count the rows still to fetch into ``out`` and fetch ``sample`` of their URLs (all at once, no retries):
+    their mean size times the rows gives the download size, their mean time the duration at ``workers`` at a time.
+    Reads ``out`` without writing to it."""
+    out = Path(out).expanduser()
+    src_files = list_shards(src)
+    rows = read_sa1b(src_files, start, limit)
+    n = rows.num_rows()
+    skip: set[int] = set()
+    if out.exists():
+        skip = cached_row_ids(out) | {rid for rid, r in load_failures(out).items() if not r.get("transient")}
+    stop = start + n
+    est = DownloadEstimate(rows_in_range=n, todo=n - sum(1 for rid in skip if start <= rid < stop), workers=workers)
+    if est.todo == 0 or sample <= 0:
+        return est
+    urls = _sample_urls(src_files, start, stop, skip, sample, seed)
+    est.sampled = len(urls)
+
+    def one(url: str) -> tuple[int, float]:
+        t = time.monotonic()
+        data = fetch_bytes(url, timeout=timeout, max_bytes=max_bytes, retries=0, url_rewrite=url_rewrite)
+        return len(data), time.monotonic() - t
+
+    failed = Counter()
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, len(urls)), thread_name_prefix="estimate") as pool:
+        for fut in [pool.submit(one, u) for u in urls]:
+            try:
+                size, seconds = fut.result()
+                est.sizes.append(size)
+                est.seconds.append(seconds)
+            except FetchError as e:
+                failed[e.reason] += 1
+    est.wall_s = time.monotonic() - t0
+    est.failed = dict(failed)
+    return est
 
 
 # ------------------------------------------------------------------------------------------ the builder
@@ -225,6 +358,9 @@ class CacheReport:
                  f"  本次失败 {sum(self.failed_new.values())} 行；失败清单共 {self.failed_total} 行（{MANIFEST}）"]
         for reason, n in sorted(self.failed_new.items(), key=lambda kv: -kv[1]):
             lines.append(f"    {reason_label(reason)} [{reason}]：{n}")
+        if self.failed_new.get("http_403"):
+            lines.append(f"  HTTP 403 多半表示图片链接已过期：SA-1B 的图片地址是带签名的临时链接。请运行 "
+                         f"`{REFRESH_LINKS_CMD}` 重新下载数据分片得到新链接，再运行同一个 prepare 命令（这些行会重试）。")
         lines.append(f"  用时 {self.elapsed_s:.1f} 秒，{self.images_per_s:.1f} 张/秒" +
                      ("" if self.complete else "；未完成：再次运行同一命令即可继续"))
         return "\n".join(lines)
@@ -233,7 +369,7 @@ class CacheReport:
 def _fetch_encode(row: Row, opts: dict, image_size: int, quality: int) -> bytes:
     image = fetch_image(row.url, **opts)
     try:
-        return encode_jpeg(resize_center_crop(image, image_size), quality)
+        return encode_jpeg(resize_square(image, image_size), quality)
     except Exception as e:  # an image that decodes but cannot be resized is still one bad sample
         raise FetchError("decode_error", f"{row.url} 无法缩放或编码：{type(e).__name__}: {e}", row.url) from None
 
@@ -319,5 +455,4 @@ def prepare_cache(src, out, *, limit: int | None = None, start: int = 0, workers
             atomic_write_bytes(out / SUMMARY, json.dumps(asdict(report), ensure_ascii=False, indent=1).encode())
         return report
     finally:
-        if lock is not None:
-            lock.close()
+        lock.release()

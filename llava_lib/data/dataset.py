@@ -51,7 +51,8 @@ class CachedImageDataset(Dataset):
         self.files = [str(p) for p in shard_paths(self.cache_dir)]
         if not self.files:
             raise CacheError(f"缓存目录 {self.cache_dir} 中没有缓存分片（part-*.parquet）。"
-                             f"请先运行 `python -m llava_lib.data prepare --out {self.cache_dir} ...` 生成缓存；"
+                             f"请先运行 `python -m llava_lib.data prepare --profile full --limit 100000` 生成缓存"
+                             f"（或者用 `--src <数据目录> --out {self.cache_dir} --limit 100000` 指定目录）；"
                              f"如果已经运行过，请查看 {self.cache_dir / 'failures.jsonl'} 中的失败原因。")
         self.transform = transform
         self.row_groups_cached = row_groups_cached

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from ..process import IMAGE_SIZE, resize_center_crop
+from ..process import IMAGE_SIZE, resize_square
 from .cache import atomic_write_bytes, encode_jpeg
 from .fetch import FetchError, fetch_image
 from .reader import read_sa1b
@@ -35,7 +35,7 @@ def export_examples(src, out_dir, n: int = 100, *, size: int | None = IMAGE_SIZE
     def load(row):
         try:
             img = fetch_image(row.url, timeout=timeout, retries=retries, url_rewrite=url_rewrite)
-            return row, (resize_center_crop(img, size) if size else img)
+            return row, (resize_square(img, size) if size else img)
         except FetchError as e:
             return row, e
 

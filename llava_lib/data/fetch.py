@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import threading
 import time
 from pathlib import Path
@@ -16,19 +15,26 @@ from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 import requests
+import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
 
 DEFAULT_TIMEOUT = 20.0          # seconds without a byte before giving up on an attempt
 DEFAULT_MAX_BYTES = 32 << 20    # SA-1B photos are ~0.5 MB; anything near this is not a photo
 DEFAULT_RETRIES = 3
-DEFAULT_BACKOFF = 0.5           # seconds; doubled per retry, with jitter
+DEFAULT_BACKOFF = 0.5           # seconds: urllib3 waits 0, then 2x, 4x ... this between attempts, plus jitter
 MAX_BACKOFF = 30.0
+MAX_RETRY_AFTER = 30            # seconds: a server that asks for an hour would stall a download worker for an hour
 USER_AGENT = "llava-course-data/0.1"
+# How a student gets fresh image links once SA-1B's signed URLs have expired.
+REFRESH_LINKS_CMD = "python -m llava_lib.download data --force"
 
 REASONS = {  # reason -> what a student reads in the summary
     "timeout": "超时",
     "connection": "连接失败",
     "incomplete": "下载不完整（连接中断）",
+    "http_403": "链接已过期或无权访问",
     "http_4xx": "HTTP 客户端错误",
     "http_5xx": "HTTP 服务器错误",
     "too_large": "文件超过大小上限",
@@ -41,27 +47,30 @@ REASONS = {  # reason -> what a student reads in the summary
     "bad_url": "不支持的地址",
     "bad_row": "数据行无法解析",
 }
-TRANSIENT_STATUS = {408, 425, 429}
+RETRY_STATUS = (429, 500, 502, 503, 504)  # retried within the same download (backoff, or the server's Retry-After)
+# Worth another try in a later run (the failure manifest marks them transient): every 5xx, these, and 403, since an
+# expired SA-1B link works again once the dataset shards are downloaded afresh.
+TRANSIENT_STATUS = {403, 408, 425, 429}
 
 
 class FetchError(Exception):
     """``reason``: short key (``http_404``, ``timeout``, ``not_image`` ...); ``transient``: may succeed later."""
 
-    def __init__(self, reason: str, message: str, url: str = "", transient: bool = False,
-                 retry_after: float | None = None):
+    def __init__(self, reason: str, message: str, url: str = "", transient: bool = False):
         super().__init__(message)
         self.reason, self.message, self.url, self.transient = reason, message, url, transient
-        self.retry_after = retry_after  # the server's Retry-After, in seconds, if it sent one
 
     def __reduce__(self):  # picklable across DataLoader workers
-        return FetchError, (self.reason, self.message, self.url, self.transient, self.retry_after)
+        return FetchError, (self.reason, self.message, self.url, self.transient)
 
 
 def reason_label(reason: str) -> str:
+    if reason in REASONS:
+        return REASONS[reason]
     if reason.startswith("http_"):
         code = reason[5:]
         return f"HTTP {code}（{REASONS['http_5xx' if code.startswith('5') else 'http_4xx']}）"
-    return REASONS.get(reason, reason)
+    return reason
 
 
 def rewrite_url(url: str, url_rewrite: tuple[str, str] | None) -> str:
@@ -71,18 +80,51 @@ def rewrite_url(url: str, url_rewrite: tuple[str, str] | None) -> str:
     return url
 
 
+def retry_policy(retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> Retry:
+    """What urllib3 retries inside one download: connection errors, timeouts before the first byte, and
+    :data:`RETRY_STATUS` (honouring Retry-After, capped at :data:`MAX_RETRY_AFTER`). The last error response is
+    returned rather than raised, so it becomes a :class:`FetchError` that names its status."""
+    return Retry(total=max(0, int(retries)), status_forcelist=RETRY_STATUS, backoff_factor=backoff,
+                 backoff_max=MAX_BACKOFF, backoff_jitter=backoff, respect_retry_after_header=True,
+                 retry_after_max=MAX_RETRY_AFTER, allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False)
+
+
 _local = threading.local()
 
 
-def _session() -> requests.Session:
-    """One pooled session per thread and process: requests.Session is not thread-safe, and a DataLoader worker
-    forked from a process that fetched before must not share its parent's open connections."""
-    pid, s = getattr(_local, "session", (None, None))
+def _session(retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> requests.Session:
+    """One pooled session per thread, process and retry policy: requests.Session is not thread-safe, and a
+    DataLoader worker forked from a process that fetched before must not share its parent's open connections."""
+    pid, sessions = getattr(_local, "sessions", (None, None))
     if pid != os.getpid():
+        sessions = {}
+        _local.sessions = (os.getpid(), sessions)
+    key = (int(retries), float(backoff))
+    s = sessions.get(key)
+    if s is None:
         s = requests.Session()
         s.headers["User-Agent"] = USER_AGENT
-        _local.session = (os.getpid(), s)
+        adapter = HTTPAdapter(max_retries=retry_policy(retries, backoff))
+        s.mount("http://", adapter)
+        s.mount("https://", adapter)
+        sessions[key] = s
     return s
+
+
+def _status_error(code: int, url: str, retries: int) -> FetchError:
+    if code == 403:
+        return FetchError("http_403", f"HTTP 403：{url} 拒绝访问，多半是链接已过期（SA-1B 的图片地址是带签名的临时链接，"
+                                      f"过一段时间就失效）。重新下载数据分片（{REFRESH_LINKS_CMD}）可以得到新的链接，"
+                                      f"然后再运行同一个 prepare 命令。", url, transient=True)
+    tried = f"（已重试 {retries} 次）" if code in RETRY_STATUS and retries else ""
+    return FetchError(f"http_{code}", f"HTTP {code}{tried}：{url}", url,
+                      transient=code >= 500 or code in TRANSIENT_STATUS)
+
+
+def _urllib3_cause(e: BaseException):
+    """The urllib3 error under requests' wrapper (and under urllib3's MaxRetryError)."""
+    cause = e.args[0] if e.args else None
+    return getattr(cause, "reason", cause)
 
 
 def _read_local(path: Path, url: str, max_bytes: int) -> bytes:
@@ -100,17 +142,14 @@ def _read_local(path: Path, url: str, max_bytes: int) -> bytes:
         raise FetchError("read_error", f"读取 {path} 失败：{e}", url) from None
 
 
-def _get_once(url: str, timeout: float, max_bytes: int) -> bytes:
-    """One HTTP attempt: streamed, size-capped, with an overall deadline against trickling servers."""
-    deadline = time.monotonic() + 4 * timeout
+def _get(url: str, timeout: float, max_bytes: int, retries: int, backoff: float) -> bytes:
+    """One download, urllib3 retrying as :func:`retry_policy` says; streamed, size-capped, with an overall
+    deadline against servers that trickle the body."""
     try:
-        with _session().get(url, stream=True, timeout=(timeout, timeout)) as r:
+        with _session(retries, backoff).get(url, stream=True, timeout=(timeout, timeout)) as r:
             if r.status_code != 200:
-                code = r.status_code
-                transient = code >= 500 or code in TRANSIENT_STATUS
-                wait = r.headers.get("Retry-After", "")
-                raise FetchError(f"http_{code}", f"HTTP {code}：{url}", url, transient=transient,
-                                 retry_after=float(wait) if wait.isdigit() else None)
+                raise _status_error(r.status_code, url, retries)
+            deadline = time.monotonic() + 4 * timeout  # for the body, once urllib3's retries are behind us
             declared = r.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise FetchError("too_large", f"{url} 声明大小 {declared} 字节，超过上限 {max_bytes}", url)
@@ -125,38 +164,31 @@ def _get_once(url: str, timeout: float, max_bytes: int) -> bytes:
     except FetchError:
         raise
     except requests.exceptions.Timeout:
-        raise FetchError("timeout", f"{url} 在 {timeout:g} 秒内没有响应", url, transient=True) from None
+        raise FetchError("timeout", f"{url} 在 {timeout:g} 秒内没有响应（已重试 {retries} 次）", url,
+                         transient=True) from None
     except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as e:
         raise FetchError("incomplete", f"{url} 下载中断：{type(e).__name__}", url, transient=True) from None
     except requests.exceptions.ConnectionError as e:
-        # requests wraps a read timeout in the middle of the body as ConnectionError.
-        if "timed out" in str(e).lower():
-            raise FetchError("timeout", f"{url} 在 {timeout:g} 秒内没有数据", url, transient=True) from None
-        raise FetchError("connection", f"无法连接 {url}：{type(e).__name__}", url, transient=True) from None
+        # requests reports a read timeout (after urllib3's retries, or in the middle of the body) as ConnectionError.
+        if isinstance(_urllib3_cause(e), urllib3.exceptions.ReadTimeoutError):
+            raise FetchError("timeout", f"{url} 在 {timeout:g} 秒内没有数据（已重试 {retries} 次）", url,
+                             transient=True) from None
+        raise FetchError("connection", f"无法连接 {url}（已重试 {retries} 次）：{type(_urllib3_cause(e)).__name__}",
+                         url, transient=True) from None
     except requests.exceptions.RequestException as e:
         raise FetchError("bad_url", f"无法请求 {url}：{e}", url) from None
-
-
-def _retry_after(err: FetchError, attempt: int, backoff: float) -> float:
-    if err.retry_after is not None:
-        return min(MAX_BACKOFF, err.retry_after)
-    return min(MAX_BACKOFF, backoff * (2 ** attempt)) * (0.5 + random.random())  # jitter: no thundering herd
+    except urllib3.exceptions.HTTPError as e:  # e.g. a malformed Retry-After header, not wrapped by requests
+        raise FetchError("connection", f"{url} 的响应无法处理：{type(e).__name__}: {e}", url, transient=True) from None
 
 
 def fetch_bytes(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES,
                 retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
                 url_rewrite: tuple[str, str] | None = None) -> bytes:
-    """Raw bytes of ``url``; transient HTTP failures are retried ``retries`` times, others fail at once."""
+    """Raw bytes of ``url``; HTTP(S) errors worth retrying are retried ``retries`` times, others fail at once."""
     url = rewrite_url(url, url_rewrite)
     scheme = urlparse(url).scheme.lower()
     if scheme in ("http", "https"):
-        for attempt in range(max(0, retries) + 1):
-            try:
-                return _get_once(url, timeout, max_bytes)
-            except FetchError as e:
-                if not e.transient or attempt == retries:
-                    raise
-                time.sleep(_retry_after(e, attempt, backoff))
+        return _get(url, timeout, max_bytes, retries, backoff)
     if scheme == "file":
         parsed = urlparse(url)
         return _read_local(Path(url2pathname(unquote(parsed.path))), url, max_bytes)

@@ -37,6 +37,36 @@ def scene_captions(n: int, seed: int = 0) -> list[str]:
     return [s.caption for s in make_scenes(n, seed)]
 
 
+def photo_jpeg(width: int = 1500, height: int = 2250, seed: int = 0) -> bytes:
+    """A photo-sized JPEG (SA-1B's are 1500 px on the short side): shapes, plus noise so it compresses like a photo."""
+    import random
+
+    from PIL import ImageDraw
+    rng = random.Random(seed)
+    img = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x, y = rng.randrange(width), rng.randrange(height)
+        box = (x, y, x + rng.randrange(100, 800), y + rng.randrange(100, 800))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=tuple(rng.randrange(256) for _ in range(3)))
+    buf = io.BytesIO()
+    Image.blend(img, Image.effect_noise((width, height), 40).convert("RGB"), 0.15).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def dense_caption(seed: int = 0) -> str:
+    """A global caption of a few hundred characters, as long as SA1B-Dense-Caption's."""
+    import random
+    rng = random.Random(seed)
+    where = "在画面的左下角|靠近画面中央|在远处的山坡上|在街道的一侧|在河岸边|在画面右上方".split("|")
+    what = ("一位穿着红色外套的女士正在低头看手机|一辆白色的小轿车停在路边|几栋高低错落的居民楼排成一列|一只黄狗趴在台阶上晒太阳|"
+            "一排梧桐树的叶子已经开始泛黄|几个背着书包的学生并肩走着|一座石拱桥横跨在平静的水面上").split("|")
+    more = ("阳光从右上方照下来，在地面上投下清晰的影子|天空中飘着几朵白云，整体色调偏暖|背景略微模糊，隐约可以看到来往的行人和车辆|"
+            "地面是灰色的水泥路面，边缘散落着一些落叶|建筑的外墙贴着浅色的瓷砖，大部分窗户都关着").split("|")
+    return "这张照片展示了一个日常的城市场景。" + "".join(
+        f"{rng.choice(where)}，{rng.choice(what)}。{rng.choice(more)}。" for _ in range(8))
+
+
 def bomb_png(width: int = 40000, height: int = 40000) -> bytes:
     """A tiny PNG whose header declares ``width x height`` pixels (the pixel data is never reached)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -177,6 +207,7 @@ def standard_faults(good_jpeg: bytes, max_bytes: int) -> dict[str, Fault]:
     """One of each fault the data pipeline must survive, keyed by path; reason expected in the manifest."""
     return {
         "/fault/404.jpg": Fault("status", status=404),
+        "/fault/403.jpg": Fault("status", status=403),             # an expired signed link
         "/fault/flaky.jpg": Fault("flaky", status=500, times=2),   # 500 twice, then the image: must arrive
         "/fault/503.jpg": Fault("status", status=503),             # always 5xx: retried, then transient failure
         "/fault/stall.jpg": Fault("stall"),
@@ -190,6 +221,7 @@ def standard_faults(good_jpeg: bytes, max_bytes: int) -> dict[str, Fault]:
 
 
 EXPECTED_REASONS = {
+    "/fault/403.jpg": "http_403",
     "/fault/404.jpg": "http_404",
     "/fault/503.jpg": "http_503",
     "/fault/stall.jpg": "timeout",

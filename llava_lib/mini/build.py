@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from filelock import FileLock
 from PIL import Image
 
 from .. import config
@@ -117,11 +118,9 @@ def build(root: Path | None = None, spec: BuildSpec = BuildSpec(), force: bool =
     Two builds at once (two notebooks, a notebook and a terminal) would delete each other's files: a lock file next
     to ``root`` makes the second one wait, then reuse what the first one built.
     """
-    import fcntl
     root = Path(root or config.mini_root())
     root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(root.parent / f".{root.name}.lock"):  # waits as long as the other build takes
         return _build_locked(root, spec, force)
 
 
@@ -151,8 +150,8 @@ def _train_llm_worker(root: str, spec_json: str) -> None:
     lm_scenes = sc.make_scenes(spec.n_lm_scenes, spec.seed + 2)
     llm = train_llm(qwen_tok, lm_scenes, steps=spec.llm_steps, batch=spec.llm_batch, layers=spec.llm_layers,
                     seed=spec.seed, log=_log)
-    llm.generation_config.eos_token_id = [qwen_tok.convert_tokens_to_ids("<|im_end|>"), qwen_tok.pad_token_id]
-    llm.generation_config.pad_token_id = qwen_tok.pad_token_id
+    from ..chat import QWEN3_GENERATION  # Qwen3-0.6B's generation_config.json: the chat path reads it
+    llm.generation_config.update(**QWEN3_GENERATION)
     llm.save_pretrained(root / "llm")
     qwen_tok.save_pretrained(root / "llm")
     t1 = time.time()
@@ -320,12 +319,12 @@ def check_lm(root: Path, seed: int | None = None, n: int = 50, model=None, token
     ``model`` / ``tokenizer``: the ones just saved to ``root/llm`` (the build passes them, to skip a reload).
     """
     from transformers import AutoTokenizer, Qwen3ForCausalLM
-    from ..model.llava import lean_causal_lm_loss, zero_rows_head_loss
+    from .loss import zero_rows_head_loss
     root = Path(root)
     tok = tokenizer or AutoTokenizer.from_pretrained(str(root / "llm"))
     llm = (model or Qwen3ForCausalLM.from_pretrained(str(root / "llm"))).eval().requires_grad_(False)
-    # Chosen as LlavaStage1 chooses it: the exact full-vocabulary loss from the mini LM's live head rows, else general.
-    head_loss = zero_rows_head_loss(llm.lm_head) or lean_causal_lm_loss
+    # The mini profile's head loss: the exact full-vocabulary loss from the mini LM's live head rows.
+    head_loss = zero_rows_head_loss(llm.lm_head)
     conv = [{"role": "user", "content": "请描述一个简单的场景。"}]
     prompt, _ = encode_conversation(tok, conv, 0, add_generation_prompt=True, enable_thinking=False)
     rng = np.random.default_rng(0)

@@ -94,3 +94,29 @@ def load_projection(directory: str | Path, model, strict_ids: bool = False) -> d
     device = next(projector.parameters()).device
     projector.load_state_dict({k: v.to(device) for k, v in state.items()})
     return meta
+
+
+def list_runs(checkpoints_dir: str | Path) -> list[dict]:
+    """Trained runs under ``checkpoints_dir`` (``llava-train`` and notebook runs alike), newest first.
+
+    A run is a folder with ``final/projection.json``. Each entry: ``name``, ``dir``, ``projection`` (the folder to
+    load), ``profile``, ``steps``, ``modified`` (seconds since the epoch), ``metrics`` (``metrics.json`` or ``{}``).
+    """
+    runs = []
+    for meta_file in Path(checkpoints_dir).glob(f"*/final/{META}"):
+        run_dir = meta_file.parent.parent
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        cfg = _read_json(run_dir / "config.json")
+        runs.append({"name": run_dir.name, "dir": run_dir, "projection": meta_file.parent,
+                     "profile": cfg.get("profile"), "steps": meta.get("step"),
+                     "modified": (meta_file.parent / WEIGHTS).stat().st_mtime if (meta_file.parent / WEIGHTS).exists()
+                     else meta_file.stat().st_mtime,
+                     "metrics": _read_json(run_dir / "metrics.json")})
+    return sorted(runs, key=lambda r: r["modified"], reverse=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

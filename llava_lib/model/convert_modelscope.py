@@ -8,8 +8,9 @@ ModelScope's ``iic/multi-modal_clip-vit-base-patch16_zh`` ships the original Chi
     text_model_config.json       vocab_size, text_hidden_size, text_num_hidden_layers, ... (a BERT)
     vocab.txt                    the BERT vocabulary
 
-We map that state dict onto ``ChineseCLIPModel`` key by key (DESIGN.md, decision 2) instead of importing
-ModelScope's framework at run time. The mapping is exact: every source key is used (or explicitly dropped, see
+We map that state dict onto ``ChineseCLIPModel`` key by key instead of importing ModelScope's framework at run
+time: the course then loads one transformers class for the mini world and the real model alike, and needs
+modelscope only to download. The mapping is exact: every source key is used (or explicitly dropped, see
 ``_DROPPED``), every target key is produced and every shape is checked, so a wrong checkpoint fails loudly
 here rather than as bad features later.
 
@@ -54,6 +55,7 @@ from transformers import (
 
 from llava_lib import config as llava_config
 from llava_lib.model.checkpoint import CheckpointMismatchError as _CheckpointMismatchError
+from llava_lib.process import CLIP_MEAN, CLIP_STD
 
 # File names of the ModelScope layout (modelscope.utils.constant.ModelFile and CLIPForMultiModalEmbedding).
 MS_VISION_CONFIG = "vision_model_config.json"
@@ -63,8 +65,6 @@ MS_VOCAB = "vocab.txt"
 MS_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.pt", "clip_cn_vit-b-16.pt", "model.pt")
 
 # CLIP's normalisation; ModelScope's CLIPPreprocessor resizes straight to 224x224 (no centre crop), bicubic.
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # ModelScope's QuickGELU is x * sigmoid(1.702 x), which transformers calls "quick_gelu"; its BERT's "gelu" is the
 # erf form, as is transformers' "gelu".
@@ -440,6 +440,14 @@ def convert_modelscope_checkpoint(path: str | Path, dtype: torch.dtype | None = 
     return model.eval()
 
 
+def converted_dir_for(src: str | Path) -> Path:
+    """Where the transformers copy of a ModelScope directory is cached (one per source path)."""
+    import hashlib
+    src = Path(src).expanduser().resolve()
+    digest = hashlib.sha1(str(src).encode("utf-8")).hexdigest()[:10]
+    return llava_config.llava_home() / "converted" / f"{src.name}-{digest}"
+
+
 def load_chinese_clip(path: str | Path, dtype: torch.dtype | None = None, **from_pretrained_kwargs) -> ChineseCLIPModel:
     """Load Chinese-CLIP from a transformers directory, or convert a ModelScope directory on the fly.
 
@@ -453,7 +461,11 @@ def load_chinese_clip(path: str | Path, dtype: torch.dtype | None = None, **from
             from_pretrained_kwargs.setdefault("dtype", dtype)
         return ChineseCLIPModel.from_pretrained(path, **from_pretrained_kwargs).eval()
     if is_modelscope_layout(path):
-        return convert_modelscope_checkpoint(path, dtype=dtype)
+        converted = converted_dir_for(path)
+        convert_modelscope_dir(path, converted)  # once; later calls say in one line that they reuse it
+        if dtype is not None:
+            from_pretrained_kwargs.setdefault("dtype", dtype)
+        return ChineseCLIPModel.from_pretrained(converted, **from_pretrained_kwargs).eval()
     cfg = _read_json(path / "config.json")
     if cfg is not None:
         raise _missing(path, f"中的 config.json 不是 Chinese-CLIP（model_type={cfg.get('model_type')!r}）")
@@ -474,8 +486,8 @@ def build_processor(vocab_file: str | Path, image_size: int = 224):
         crop_size={"height": image_size, "width": image_size},
         do_center_crop=False,
         resample=3,  # PIL bicubic, as ModelScope's Resize(..., BICUBIC)
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
     )
     return ChineseCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 

@@ -6,7 +6,6 @@ Shapes for the real models (mini world in brackets): pixels [B,3,224,224] -> vis
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -34,11 +33,9 @@ class LlavaStage1(nn.Module):
     # A right-padded batch needs no attention mask in a causal LM: a real token only sees earlier, real tokens, so
     # the mask changes nothing where a label is, and without it SDPA runs its causal flash kernel (docs/perf_notes.md).
     drop_redundant_mask: bool = True
-    # The loss over the LM head; ``accel.accelerate_training`` swaps in a fused variant with the same value.
-    head_loss = None
 
     def __init__(self, vision: VisionTower | None, llm: nn.Module, projector_type: str = "linear",
-                 image_token_id: int = IMAGE_PAD_ID):
+                 image_token_id: int = IMAGE_PAD_ID, head_loss=None):
         super().__init__()
         self.vision = vision
         self.llm = freeze(llm)
@@ -46,10 +43,12 @@ class LlavaStage1(nn.Module):
         self.projector_type = projector_type
         self.projector = None
         if vision is not None:
-            # The projection stays fp32 whatever the towers' dtype (DESIGN.md, decision 5).
+            # The projection stays fp32 whatever the towers' dtype (training it in bf16 would lose its small updates).
             self.projector = build_projector(projector_type, vision.hidden_size, llm.config.hidden_size).float()
             self.projector.to(next(llm.parameters()).device)
-        self.head_loss = zero_rows_head_loss(self.llm.lm_head)  # None (the general loss) for any real LLM
+        # ``head_loss(lm_head, hidden, labels, chunk) -> StepOutput``: how the loss over the LM head is computed.
+        # Every choice gives the same value; they differ in memory and speed (see ``train.pick_head_loss``).
+        self.head_loss = head_loss or lean_causal_lm_loss
 
     # Only the projection ever leaves eval mode; the towers are frozen for good.
     def train(self, mode: bool = True):
@@ -101,7 +100,7 @@ class LlavaStage1(nn.Module):
             attention_mask = attention_mask.to(self.device)
         # use_cache=False: a training forward has no use for a KV cache (the config's default would build one).
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return (self.head_loss or lean_causal_lm_loss)(self.llm.lm_head, hidden, labels.to(self.device), logits_chunk)
+        return self.head_loss(self.llm.lm_head, hidden, labels.to(self.device), logits_chunk)
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
@@ -133,38 +132,3 @@ def lean_causal_lm_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.
         logits = lm_head(h[s:s + chunk]).float()
         total = total + F.cross_entropy(logits, y[s:s + chunk], reduction="sum")
     return StepOutput(total / n, n)
-
-
-def zero_rows_head_loss(lm_head: nn.Module, min_zero_fraction: float = 0.5):
-    """An exact, cheaper head loss for a frozen LM head whose rows are mostly exactly zero; else ``None``.
-
-    The mini Qwen3 trains only the ~110 embedding rows its world's texts use; the other 151,826 rows of its tied
-    151,936-row head are exactly 0, so their logits are exactly 0 whatever the hidden state. Then
-    ``logsumexp(all logits) = logsumexp(live logits, log(#zero rows))`` and a zero row's target logit is 0: the
-    full-vocabulary cross-entropy, computed with a 110-row matrix product instead of a 151,936-row one (the head
-    was most of a mini Stage 1 step on a CPU). A real LLM has no zero rows and keeps the general loss.
-    """
-    w = lm_head.weight
-    if getattr(lm_head, "bias", None) is not None or w.requires_grad:
-        return None
-    with torch.no_grad():
-        live = (w != 0).any(dim=1).nonzero().flatten()
-    n_zero = w.shape[0] - live.numel()
-    if n_zero < min_zero_fraction * w.shape[0]:
-        return None
-    index = torch.full((w.shape[0],), -1, dtype=torch.long, device=w.device)
-    index[live] = torch.arange(live.numel(), device=w.device)
-    log_zero = math.log(n_zero)
-
-    def loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> StepOutput:
-        h, y = labelled_positions(hidden, labels)
-        n = y.numel()
-        if n == 0:
-            return StepOutput(hidden.sum() * 0.0, 0)
-        logits = (h @ head.weight[live].T).float()
-        lse = torch.logsumexp(torch.cat([logits, logits.new_full((n, 1), log_zero)], dim=1), dim=1)
-        j = index[y]
-        target = logits.gather(1, j.clamp(min=0)[:, None])[:, 0].masked_fill(j < 0, 0.0)
-        return StepOutput((lse - target).sum() / n, n)
-
-    return loss

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import logging as hf_logging
 from transformers import AutoTokenizer, ChineseCLIPModel, ChineseCLIPVisionModel, Qwen3ForCausalLM
 
-from ..config import MissingResourceError, Paths, check_path, resolve
+from ..config import BUILD_MINI_CMD, DOWNLOAD_CMDS, MissingResourceError, Paths, check_path, resolve
 from .llava import LlavaStage1
 from .vision import VisionTower
 
@@ -18,7 +21,8 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 for the frozen towers on a GPU that supports it, fp32 on CPU (DESIGN.md, decision 5)."""
+    """bf16 for the frozen towers on a GPU that supports it (half the memory, and the towers are never trained),
+    fp32 on CPU, where bf16 matmuls are slow."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -35,15 +39,62 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+class IncompleteWeightsError(MissingResourceError):
+    """A checkpoint whose weights do not fill its model: transformers would put random values in the gaps."""
+
+
+def _require_complete(info: dict, what: str, path, fix: str, allowed_unexpected=None) -> None:
+    """Raise when ``from_pretrained`` left weights missing or misshapen, or found ones the model does not have (other
+    than ``allowed_unexpected``): a model with random layers only looks like it loads."""
+    problems = [f"缺少 {k}" for k in sorted(info.get("missing_keys") or ())]
+    problems += [f"形状不符 {k}：文件里是 {tuple(a)}，模型要 {tuple(b)}"
+                 for k, a, b in sorted(info.get("mismatched_keys") or ())]
+    if allowed_unexpected is not None:
+        problems += [f"多余 {k}" for k in sorted(info.get("unexpected_keys") or ()) if not allowed_unexpected.match(k)]
+    if not problems:
+        return
+    shown = "\n".join(f"    {p}" for p in problems[:20])
+    more = f"\n    ……（共 {len(problems)} 处）" if len(problems) > 20 else ""
+    raise IncompleteWeightsError(
+        f"{what}的权重与模型对不上：{path} 有 {len(problems)} 处问题：\n{shown}{more}\n"
+        f"  缺少或形状不符的权重会被随机初始化，模型就坏了，所以在这里停下。多半是下载没完成、文件损坏，"
+        f"或 config.json 与权重文件不是同一个模型。\n  解决办法：{fix}")
+
+
 def load_llm(path: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None,
              attn_implementation: str | None = None) -> Qwen3ForCausalLM:
-    """Qwen3 from a local directory (``Qwen/Qwen3-0.6B`` layout or the mini LM), frozen."""
+    """Qwen3 from a local directory (``Qwen/Qwen3-0.6B`` layout or the mini LM), frozen.
+
+    A checkpoint that lacks weights is an error naming them. A tied ``lm_head.weight`` (``tie_word_embeddings``)
+    is not missing: transformers ties it to the embeddings and does not report it.
+    """
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     attn = attn_implementation or pick_attention(device)
-    model = Qwen3ForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
+    model, info = Qwen3ForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn,
+                                                   output_loading_info=True)
+    _require_complete(info, "Qwen3 模型", path, f"真实模型请重新下载（`{DOWNLOAD_CMDS['llm_path']} --force`），"
+                                               f"迷你世界请重建（`{BUILD_MINI_CMD} --force`）。")
     model.to(device).requires_grad_(False).eval()
+    _ensure_chat_settings(model, Path(path))
     return model
+
+
+_SAID_DEFAULTS: set[str] = set()
+
+
+def _ensure_chat_settings(llm, path: Path) -> None:
+    """Qwen3's own generation settings when ``path`` ships none (no ``generation_config.json``, or one without
+    ``do_sample``): ``ChatSession`` builds every reply's settings from ``llm.generation_config``."""
+    file = path / "generation_config.json"
+    if file.exists() and "do_sample" in json.loads(file.read_text(encoding="utf-8")):
+        return
+    from ..chat import QWEN3_GENERATION
+    llm.generation_config.update(**QWEN3_GENERATION)
+    if str(path) not in _SAID_DEFAULTS:
+        _SAID_DEFAULTS.add(str(path))
+        print(f"[llava_lib] {path} 里没有生成设置（generation_config.json 缺失或没有 do_sample），改用 Qwen3 官方的默认值："
+              + "，".join(f"{k}={v}" for k, v in QWEN3_GENERATION.items()))
 
 
 def load_clip(path: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None
@@ -55,20 +106,41 @@ def load_clip(path: str | Path, device: torch.device | None = None, dtype: torch
     return model.to(device=device, dtype=dtype or default_dtype(device)).requires_grad_(False).eval()
 
 
+# The text side of a whole Chinese-CLIP checkpoint (and its projections): in the file, not in the vision model.
+_CLIP_TEXT_SIDE = re.compile(r"^(text_model\.|text_projection\.|visual_projection\.|logit_scale$)")
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_loading_report():
+    """Drop transformers' loading report (that one message, nothing else) while the vision side is read out of a
+    whole CLIP: it would list every text-side weight as unexpected. :func:`_require_complete` checks the same
+    information. Should transformers reword the report, it simply shows again."""
+    log = logging.getLogger("transformers.modeling_utils")
+    quiet = _DropLoadReport()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
 def load_vision_tower(path: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None,
                       feature_layer: int = -1) -> VisionTower:
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     path = Path(path)
     if (path / "config.json").exists() and '"chinese_clip' in (path / "config.json").read_text(encoding="utf-8"):
-        # Loading only the vision side of a full CLIP checkpoint: the text weights are skipped on purpose, so
-        # transformers' "unexpected keys" report is noise here.
-        previous = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            vm = ChineseCLIPVisionModel.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
-        finally:
-            hf_logging.set_verbosity(previous)
+        with _quiet_loading_report():  # mismatches come back in `info` instead of an error that points at the report
+            vm, info = ChineseCLIPVisionModel.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa",
+                                                              output_loading_info=True, ignore_mismatched_sizes=True)
+        _require_complete(info, "Chinese-CLIP 视觉塔", path,
+                          f"真实模型请重新下载并转换（`{DOWNLOAD_CMDS['clip_path']} --force`），"
+                          f"迷你世界请重建（`{BUILD_MINI_CMD} --force`）。", allowed_unexpected=_CLIP_TEXT_SIDE)
     else:
         vm = load_clip(path, device, dtype).vision_model
     return VisionTower(vm.to(device), feature_layer)
@@ -95,5 +167,21 @@ def build_model(paths: Paths | None = None, device: torch.device | str | None = 
     return model, tokenizer
 
 
-__all__ = ["build_model", "load_llm", "load_clip", "load_vision_tower", "load_tokenizer", "pick_attention",
-           "default_device", "default_dtype", "MissingResourceError"]
+def load_trained(directory: str | Path, paths: Paths | None = None, device: torch.device | str | None = None):
+    """The model a projection checkpoint was trained for: towers from ``paths``, the projection's type and vision
+    layer from its ``projection.json``, then its weights (checked to fit). Returns ``(model, tokenizer, meta)``."""
+    import json
+
+    from .checkpoint import META, load_projection
+    meta_file = Path(directory) / META
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"在 {directory} 中找不到 {META}：这不是一个训练好的投影层目录（应是某次运行的 final/ 或 "
+                                f"checkpoints/step-N/）。")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    model, tokenizer = build_model(paths, device=device, projector_type=meta["projector_type"],
+                                   feature_layer=meta["feature_layer"])
+    return model, tokenizer, load_projection(directory, model)
+
+
+__all__ = ["build_model", "load_trained", "load_llm", "load_clip", "load_vision_tower", "load_tokenizer",
+           "pick_attention", "default_device", "default_dtype", "IncompleteWeightsError", "MissingResourceError"]

@@ -7,7 +7,9 @@ from transformers import ChineseCLIPVisionModel
 
 
 class VisionTower(nn.Module):
-    """``[B, 3, 224, 224] -> [B, 197, D]``: CLS + 14x14 patch tokens of ``feature_layer`` (DESIGN.md, decision 4).
+    """``[B, 3, 224, 224] -> [B, 197, D]``: CLS + 14x14 patch tokens of ``feature_layer``.
+
+    The same features as transformers' Llava with ``vision_feature_select_strategy="full"``, so an export is exact.
 
     ``feature_layer`` counts like transformers' ``hidden_states``: -1 is the last layer, -2 the one before, 1 the
     first. Only the layers up to the chosen one run. The tower is frozen: no gradients, always eval mode.
