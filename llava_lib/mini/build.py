@@ -281,6 +281,14 @@ def _eval_seed(root: Path, seed: int | None) -> int:
     return json.loads(manifest.read_text(encoding="utf-8"))["spec"]["seed"] if manifest.exists() else BuildSpec().seed
 
 
+def held_out_scenes(root: Path | None = None, n: int | None = None) -> list[sc.Scene]:
+    """The scenes of the held-out split (``images/eval``, ``cache/eval``), in its order: what each eval image shows,
+    object by object (the patches each object covers included)."""
+    root = Path(root or config.mini_root())
+    n = len(list((root / "images" / "eval").glob("*.jpg"))) if n is None else n
+    return sc.make_scenes(n, _eval_seed(root, None) + 1)
+
+
 def check(root: Path | None = None, seed: int | None = None) -> dict:
     """The numbers that say the mini world is usable, computed from the saved directories."""
     root = Path(root or config.mini_root())
