@@ -131,13 +131,3 @@ def test_patch_word_grid_checks_its_input():
         plots.patch_word_grid([im], [])
     with pytest.raises(ValueError, match="n×n"):
         plots.patch_word_grid([im], [["a", "b", "c"]])
-
-
-def test_speed_intervals_cut_a_pass_into_equal_batches():
-    marks = [(32, 0.5), (64, 0.6), (96, 0.7), (128, 0.8), (144, 0.9)]
-    parts = plots.speed_intervals(marks, every=2)
-    assert [p["end"] for p in parts] == [64, 128, 144]
-    assert parts[0]["per_s"] == pytest.approx(64 / 0.6) and parts[1]["per_s"] == pytest.approx(64 / 0.2)
-    assert parts[2]["ms_per_sample"] == pytest.approx(1000 * 0.1 / 16)
-    fig = plots.loader_speed({"samples": 144, "seconds": 0.9, "per_s": 160.0, "marks": marks}, every=2)
-    assert len(fig.axes) == 2 and len(fig.axes[1].patches) == 3
