@@ -5,11 +5,13 @@
   folded, where the image block sits, and which tokens carry loss;
 - :func:`eval_images`: a few held-out images with their reference captions (the same split ``train`` evaluates on);
 - :func:`notebook_stage1_dir`: where ``04_stage1_training`` saves its run;
-- :func:`tensorboard_routes`: how to open TensorBoard from a local or a remote JupyterLab.
+- :func:`tensorboard_routes`: how to open TensorBoard from a local or a remote JupyterLab;
+- :func:`nearest_words`: for each patch of an image, the LLM vocabulary tokens nearest to its projected feature.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .process import IGNORE_INDEX, IMAGE_PAD, VISION_END, VISION_START
@@ -153,3 +155,103 @@ def real_size_model(projector_type: str = "linear"):
     with torch.device("meta"):
         vision = VisionTower(ChineseCLIPVisionModel(ChineseCLIPVisionConfig(**REAL_CLIP_VIT_B16)))
         return LlavaStage1(vision, Qwen3ForCausalLM(Qwen3Config(**REAL_QWEN3_0_6B)), projector_type)
+
+
+# ----------------------------------------------------------------------------------------------- alignment
+@dataclass(frozen=True)
+class PatchWords:
+    """For each of the ``grid x grid`` patches of one image (row-major, CLS left out), the ``k`` LLM vocabulary
+    tokens whose input embeddings are nearest (cosine) to the patch's projected feature."""
+    ids: list[list[int]]        # [patches][k] token ids, nearest first
+    tokens: list[list[str]]     # [patches][k] the same, decoded
+    scores: list[list[float]]   # [patches][k] cosine similarities
+    grid: int
+    n_candidates: int           # how many embedding rows were searched
+
+    def top(self, patch: int) -> str:
+        return self.tokens[patch][0]
+
+    def contains(self, patch: int, token_id: int, k: int | None = None) -> bool:
+        """Whether ``token_id`` is among the ``k`` (default: all) nearest tokens of ``patch``."""
+        return token_id in self.ids[patch][:k]
+
+
+def live_embedding_rows(embedding):
+    """Indices of the rows of an embedding matrix that are not all zero.
+
+    The mini Qwen3 trains only the ~130 rows its world uses and leaves the other 151,800 at exactly zero (their
+    cosine to anything is undefined); every row of a real LLM is live.
+    """
+    import torch
+    return torch.nonzero(embedding.detach().abs().amax(dim=1) > 0).squeeze(1)
+
+
+def nearest_words(model, tokenizer, image, k: int = 5) -> PatchWords:
+    """The LLM words nearest to each projected patch feature of ``image``: what "aligned to the embedding space" looks
+    like. ``image``: a PIL image or ``[3, H, W]`` pixels after ``process.clip_transform``.
+
+    Feature i+1 of the 197 (CLS first) is patch i; the projection's output at each patch is compared by cosine
+    with every live row of the LLM's *input* embedding table, the vectors the LLM reads at a text token.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .process import clip_transform
+    pixels = image if isinstance(image, torch.Tensor) else clip_transform(image)
+    with torch.no_grad():
+        proj = model.project_images(pixels.unsqueeze(0))[0, 1:].float()        # [196, D_llm]
+        emb = model.llm.get_input_embeddings().weight
+        rows = live_embedding_rows(emb).to(emb.device)
+        table = F.normalize(emb[rows].float(), dim=-1)                         # [V_live, D_llm]
+        sims = F.normalize(proj.to(table.device), dim=-1) @ table.T            # [196, V_live]
+        scores, idx = sims.topk(min(k, len(rows)), dim=-1)
+    ids = rows[idx].tolist()
+    tokens = [[tokenizer.decode([t], skip_special_tokens=False) for t in row] for row in ids]
+    grid = int(round(proj.shape[0] ** 0.5))
+    return PatchWords(ids, tokens, scores.tolist(), grid, len(rows))
+
+
+def _hits(pw: PatchWords, patches, token_ids, k: int | None) -> int:
+    wanted = {int(t) for t in token_ids}
+    return sum(bool(wanted & set(pw.ids[int(p)][:k])) for p in patches)
+
+
+def word_share(pw: PatchWords, patches, token_ids, k: int | None = None) -> float:
+    """The share of ``patches`` whose ``k`` nearest tokens include at least one of ``token_ids``."""
+    patches = list(patches)
+    return _hits(pw, patches, token_ids, k) / len(patches) if patches else 0.0
+
+
+def alignment_report(pw: PatchWords, regions, k: int | None = None, most: float = 0.5) -> str:
+    """Region by region: is each expected word among the ``k`` nearest tokens on at least ``most`` of its patches
+    (✓ / ✗, with the share)?
+
+    ``regions``: ``[(name, patches, {kind: token_ids}), ...]``, e.g. each object of a scene with its colour and
+    position words, and the background with the filler token (``mini.lm_train.image_word_regions``).
+    """
+    lines = []
+    for name, patches, words in regions:
+        marks = []
+        for kind, ids in words.items():
+            share = word_share(pw, patches, ids, k)
+            marks.append(f"{kind} {'✓' if share >= most else '✗'}（{share:.0%}）")
+        lines.append(f"{name}（{len(patches)} 个图块）：" + "，".join(marks))
+    return "\n".join(lines)
+
+
+def alignment_summary(words, regions, k: int | None = None, most: float = 0.5) -> str:
+    """The same over several images, patches pooled by kind: one stable line per kind (✓ when the word is among the
+    ``k`` nearest on at least ``most`` of all those patches; no exact shares, which move a little between machines).
+
+    ``words``: one :class:`PatchWords` per image; ``regions``: one region list per image, as in
+    :func:`alignment_report`.
+    """
+    pooled: dict[str, list[int]] = {}
+    for pw, regs in zip(words, regions, strict=True):
+        for _, patches, expected in regs:
+            for kind, ids in expected.items():
+                hits_total = pooled.setdefault(kind, [0, 0])
+                hits_total[0] += _hits(pw, patches, ids, k)
+                hits_total[1] += len(patches)
+    return "\n".join(f"{kind}：{'过半的图块 ✓' if total and hits / total >= most else '不到一半的图块 ✗'}"
+                     for kind, (hits, total) in pooled.items())

@@ -2,10 +2,10 @@
 
 Chinese text in matplotlib needs a CJK font, which many GPU machines lack (the glyphs become boxes). So:
 
-- charts (:func:`similarity_bars`, :func:`length_histogram`, :func:`throughput_bars`, :class:`LiveLossPlot`)
-  label in Chinese when :func:`chinese_font` finds a CJK font, and in English otherwise;
-- image grids with captions (:func:`image_grid`, :func:`topk_grid`) are HTML, which the browser renders with its
-  own fonts, so Chinese captions always show.
+- charts (:func:`similarity_bars`, :func:`length_histogram`, :func:`throughput_bars`, :func:`loader_speed`,
+  :class:`LiveLossPlot`) label in Chinese when :func:`chinese_font` finds a CJK font, and in English otherwise;
+- image grids with captions (:func:`image_grid`, :func:`topk_grid`, :func:`patch_word_grid`) are HTML, which the
+  browser renders with its own fonts, so Chinese captions always show.
 
 Each chart function returns the ``Figure`` (a notebook shows it when it is the cell's last value) and closes it
 in pyplot, so it is shown once.
@@ -125,6 +125,47 @@ def topk_grid(images: Sequence, matches, captions: Sequence[str] | None = None, 
         line = f"#{rank}  相似度 {score:.3f}" + (f"  {names[i]}" if names is not None else "")
         caps.append(line + (f"\n{captions[i]}" if captions is not None and captions[i] else ""))
     return image_grid(ims, caps, ncols=max(1, len(pairs)), size=size, title=title)
+
+
+def patch_word_grid(images: Sequence, words: Sequence[Sequence], titles: Sequence[str] | None = None,
+                    size: int = 448, faint: Sequence[str] = ("<|image_pad|>",), title: str | None = None) -> HTMLFigure:
+    """Each image squashed to a square (as the vision tower sees it) under its grid of patches, with words written
+    in each patch. ``words``: per image, row-major, per patch a word or a list of words (nearest first, one line
+    each), e.g. the nearest LLM tokens of each projected patch feature.
+
+    A patch whose first word is ``faint`` (the image-block filler, by default) is drawn as a small dot, and ``faint``
+    words are left out of the others, so the objects' words stand out. HTML, so Chinese shows with the browser's fonts.
+    """
+    from .process import resize_square
+    if len(words) != len(images):
+        raise ValueError(f"图片数（{len(images)}）与词表格数（{len(words)}）不一致。")
+    titles = list(titles) if titles is not None else [""] * len(images)
+    faint = set(faint)
+    figures = []
+    for im, cell_words, sub in zip(images, words, titles):
+        n = int(round(len(cell_words) ** 0.5))
+        if n * n != len(cell_words):
+            raise ValueError(f"每张图片应有 n×n 个图块的词，现在是 {len(cell_words)} 个。")
+        square = resize_square(_as_image(im), size)
+        cells = []
+        for w in cell_words:
+            ranked = [w] if isinstance(w, str) else list(w)
+            dot = not ranked or ranked[0] in faint
+            shown = "·" if dot else "\n".join(html.escape(t.strip() or repr(t)) for t in ranked if t not in faint)
+            weight = "normal" if dot else "bold"
+            cells.append(f'<div style="border:1px solid rgba(255,255,255,0.35);display:flex;align-items:center;'
+                         f'justify-content:center;overflow:hidden;font-size:{max(8, size // n // 3)}px;'
+                         f'line-height:1.05;text-align:center;white-space:pre-line;font-weight:{weight};'
+                         f'color:#000;text-shadow:0 0 3px #fff,0 0 3px #fff;">{shown}</div>')
+        grid = (f'<div style="position:relative;width:{size}px;height:{size}px;">'
+                f'<img src="{thumbnail_uri(square, size)}" style="position:absolute;width:{size}px;height:{size}px;'
+                f'opacity:0.75;"/><div class="llava-patch-grid" style="position:absolute;inset:0;display:grid;'
+                f'grid-template-columns:repeat({n},1fr);grid-template-rows:repeat({n},1fr);">'
+                + "".join(cells) + "</div></div>")
+        figures.append(f'<figure style="margin:0;width:{size}px;">{grid}<figcaption style="font-size:12px;'
+                       f'line-height:1.4;white-space:pre-wrap;">{html.escape(sub)}</figcaption></figure>')
+    head = f'<div style="font-weight:bold;margin:4px 0;">{html.escape(title)}</div>' if title else ""
+    return HTMLFigure(head + '<div style="display:flex;flex-wrap:wrap;gap:12px;">' + "".join(figures) + "</div>")
 
 
 # ----------------------------------------------------------------------------------------------- charts
@@ -268,11 +309,57 @@ def measure_loader(dataset, batch_size: int = 32, num_workers: int = 0, max_batc
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_images)
     n = skipped = 0
+    marks = []  # (samples so far, seconds so far) after each batch: what speed_intervals cuts into intervals
     t0 = time.perf_counter()
     for b, batch in enumerate(loader):
         n += len(batch["row_ids"])
         skipped += len(batch["skipped"])
+        marks.append((n, time.perf_counter() - t0))
         if max_batches is not None and b + 1 >= max_batches:
             break
     seconds = time.perf_counter() - t0
-    return {"samples": n, "skipped": skipped, "seconds": seconds, "per_s": n / max(seconds, 1e-9)}
+    return {"samples": n, "skipped": skipped, "seconds": seconds, "per_s": n / max(seconds, 1e-9), "marks": marks}
+
+
+def speed_intervals(marks: Sequence[tuple[int, float]], every: int = 4) -> list[dict]:
+    """Cut a pass's ``marks`` (samples, seconds after each batch) into intervals of ``every`` batches.
+
+    Each interval: ``end`` (samples read when it ends), ``samples``, ``seconds``, ``per_s`` and ``ms_per_sample``.
+    The first interval includes the loader's start-up (opening files, starting workers), so it is often slower.
+    """
+    out, prev_n, prev_t = [], 0, 0.0
+    for i in range(every - 1, len(marks) + every - 1, every):
+        n, t = marks[min(i, len(marks) - 1)]
+        if n == prev_n:
+            continue
+        dt = max(t - prev_t, 1e-9)
+        out.append({"end": n, "samples": n - prev_n, "seconds": dt, "per_s": (n - prev_n) / dt,
+                    "ms_per_sample": 1000 * dt / (n - prev_n)})
+        prev_n, prev_t = n, t
+    return out
+
+
+def loader_speed(result: dict, every: int = 4, title: str | None = None) -> Figure:
+    """One loader pass (:func:`measure_loader`) as the original course's ``dataset_test`` reported it: speed per
+    interval of ``every`` batches with the mean speed as a line (left), and time per sample per interval (right)."""
+    parts = speed_intervals(result["marks"], every)
+    ends = [p["end"] for p in parts]
+    fig, (ax_speed, ax_ms) = plt.subplots(1, 2, figsize=(10, 3.2))
+    ax_speed.plot(ends, [p["per_s"] for p in parts], marker="o", color="tab:green",
+                  label=label(f"每 {every} 个批次", f"per {every} batches"))
+    ax_speed.axhline(result["per_s"], color="tab:gray", linestyle="--",
+                     label=label(f"平均 {result['per_s']:.0f} 样本/秒", f"mean {result['per_s']:.0f} samples/s"))
+    ax_speed.set_ylim(bottom=0)
+    ax_speed.set_xlabel(label("已读样本数", "samples read"))
+    ax_speed.set_ylabel(label("样本/秒", "samples/s"))
+    ax_speed.legend(loc="lower right")
+    ax_ms.bar(range(len(parts)), [p["ms_per_sample"] for p in parts], color="tab:blue")
+    ax_ms.set_xticks(range(len(parts)), [str(e) for e in ends], rotation=45)
+    mean_ms = 1000 * result["seconds"] / max(result["samples"], 1)
+    ax_ms.axhline(mean_ms, color="tab:gray", linestyle="--")
+    ax_ms.set_xlabel(label("区间结束时的样本数", "samples read at interval end"))
+    ax_ms.set_ylabel(label("毫秒/样本", "ms/sample"))
+    ax_ms.set_title(label(f"平均每个样本 {mean_ms:.2f} 毫秒", f"mean {mean_ms:.2f} ms/sample"))
+    if title:
+        fig.suptitle(_ascii_or(title, ""))
+    return _finish(fig)

@@ -25,6 +25,15 @@ def test_grid_positions_make_neighbouring_patches_alike():
     assert vision.embeddings.position_embedding.weight.requires_grad
 
 
+def test_mini_clip_is_wider_than_the_mini_llm():
+    """As 768 -> 1024 in the real pair, the Stage 1 projection changes width; the geometry stays ViT-B/16's."""
+    from llava_lib.mini.lm_train import mini_llm_config
+    vision = ct.mini_clip_config(50).vision_config
+    assert vision.hidden_size != mini_llm_config().hidden_size
+    assert vision.hidden_size % vision.num_attention_heads == 0
+    assert (vision.image_size // vision.patch_size) ** 2 + 1 == 197
+
+
 def test_render_batch_is_the_rendered_scenes():
     scenes = sc.make_scenes(3, 11)
     batch = ct.render_batch(scenes)

@@ -28,6 +28,17 @@ def test_check_thresholds(mini_world):
     assert m["ok"] is True
 
 
+def test_projection_changes_width_as_in_the_real_model(mini_world):
+    """The mini CLIP's patch features are wider than the mini LLM's embeddings (the real pair: 768 -> 1024), so the
+    Stage 1 projection really maps one width to another."""
+    root, _ = mini_world
+    clip = json.loads((root / "clip" / "config.json").read_text(encoding="utf-8"))
+    llm = json.loads((root / "llm" / "config.json").read_text(encoding="utf-8"))
+    vision = clip["vision_config"]
+    assert vision["hidden_size"] != llm["hidden_size"], (vision["hidden_size"], llm["hidden_size"])
+    assert (vision["image_size"], vision["patch_size"]) == (224, 16)  # still 1 + 14 x 14 = 197 image tokens
+
+
 def test_second_build_reuses_the_cache(mini_world):
     root, meta = mini_world
     t = time.time()

@@ -24,7 +24,8 @@ def export_examples(src, out_dir, n: int = 100, *, size: int | None = IMAGE_SIZE
                     quality: int = 90) -> ExportReport:
     """Write the first ``n`` samples that can be fetched; bad rows and failed fetches are skipped and listed.
 
-    ``size`` centre-crops to the model's input (keeps the folder small); ``None`` keeps the original image.
+    ``size`` squashes each image to the model's square input (``process.resize_square``, which keeps the folder
+    small); ``None`` keeps the original image.
     """
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from ..model.checkpoint import atomic_write_json
 from ..process import encode_conversation
 from . import scenes as sc
 
-BUILD_VERSION = 10  # bump when the builder's output changes, so old caches are rebuilt
+BUILD_VERSION = 11  # bump when the builder's output changes, so old caches are rebuilt
 MINI_URL_BASE = "http://127.0.0.1:18765/"
 CLIP_GALLERY = 10    # also reported: text -> image top-1 within galleries of 10 held-out images (chance: 0.1)
 TOP1_MIN = 0.9        # the build is good when CLIP top-1 among all held-out images reaches this ...
@@ -291,6 +291,14 @@ def _eval_seed(root: Path, seed: int | None) -> int:
         return seed
     manifest = root / "build.json"
     return json.loads(manifest.read_text(encoding="utf-8"))["spec"]["seed"] if manifest.exists() else BuildSpec().seed
+
+
+def held_out_scenes(root: Path | None = None, n: int | None = None) -> list[sc.Scene]:
+    """The scenes of the held-out split (``images/eval``, ``cache/eval``), in its order: what each eval image shows,
+    object by object (the patches each object covers included)."""
+    root = Path(root or config.mini_root())
+    n = len(list((root / "images" / "eval").glob("*.jpg"))) if n is None else n
+    return sc.make_scenes(n, _eval_seed(root, None) + 1)
 
 
 def check(root: Path | None = None, seed: int | None = None) -> dict:

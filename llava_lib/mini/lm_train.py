@@ -250,6 +250,18 @@ def image_word_matrix(llm: Qwen3ForCausalLM, tokenizer) -> torch.Tensor:
     return torch.stack(rows + [emb[IMAGE_PAD_ID]])
 
 
+def image_word_regions(scene: Scene, tokenizer) -> list[tuple[str, np.ndarray, dict[str, list[int]]]]:
+    """Each object of ``scene``, then the background: ``(name, patches, {kind: token ids})`` with the tokens the LM
+    reads on those patches (``patch_words``): the colour's and the position's on all of an object's patches (the
+    shape's only on its outline, so it is left out here), the filler ``<|image_pad|>`` on the background."""
+    owner = patch_layout(scene)[0]
+    regions = [(f"{o.position}的{o.color}{o.shape}", np.flatnonzero(owner == i),
+                {"颜色词": [hint_id(tokenizer, o.color)], "位置词": word_ids(tokenizer, o.position)})
+               for i, o in enumerate(scene.objects)]
+    regions.append(("背景", np.flatnonzero(owner < 0), {"填充词 <|image_pad|>": [IMAGE_PAD_ID]}))
+    return regions
+
+
 def patch_hints(scene: Scene, words: torch.Tensor) -> torch.Tensor:
     """``[196, H]``: the slot embedding the LM expects at each patch of ``scene`` (``words``: image_word_matrix)."""
     return torch.from_numpy(patch_words(scene)) @ words

@@ -1,6 +1,6 @@
 """LLaVA: frozen vision tower -> trainable projection -> Qwen3 (frozen in Stage 1, trained in Stage 2).
 
-Shapes for the real models (mini world in brackets): pixels [B,3,224,224] -> vision [B,197,768 (64)]
+Shapes for the real models (mini world in brackets): pixels [B,3,224,224] -> vision [B,197,768 (96)]
 -> projection [B,197,1024 (64)] -> written at the 197 ``<|image_pad|>`` positions of the input embeddings
 -> Qwen3 -> hidden [B,T,1024] -> LM head only where a label exists -> cross-entropy.
 """
