@@ -258,9 +258,9 @@ STAGE2_DEFAULTS = {
                  eval_fraction=0.02, limit=None, eval_limit=500, caption_eval_n=0),
     # mini: the LM's 151,936 x 64 embedding table is 97% of its weights and all but ~130 rows are unused (zero);
     # training it took most of a step on a CPU and can only add noise to those rows, so it stays frozen here.
-    "mini": dict(lr=2e-3, batch_size=16, max_steps=400, epochs=10, max_grad_norm=1.0, eval_fraction=0.1,
+    "mini": dict(lr=2e-3, batch_size=16, max_steps=800, epochs=10, max_grad_norm=1.0, eval_fraction=0.1,
                  train_embeddings=False,
-                 eval_every=200, save_every=200, caption_eval_n=0, answer_eval_n=100, eval_limit=300,
+                 eval_every=400, save_every=400, caption_eval_n=0, answer_eval_n=100, eval_limit=300,
                  answer_metric="llava_lib.mini.qa:answer_is_correct"),
 }
 STAGE2_LORA_LR = 2e-4  # the original course's LoRA stage (r=8 on q/k/v/o)

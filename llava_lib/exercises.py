@@ -196,3 +196,16 @@ def check_image_block_tokens(answer, tokenizer, n_image_tokens: int) -> bool:
     truth = len(tokenizer(process.image_block(n_image_tokens), add_special_tokens=False)["input_ids"])
     return _verdict(_number(answer) == truth, f"<|vision_start|> + {n_image_tokens} 个 <|image_pad|> + <|vision_end|> = {truth}。",
                     "图片块除了占位词元，前后还各有一个特殊词元。")
+
+
+# ------------------------------------------------------------------------------------------------- 06
+def check_training_memory_gb(answer, n_trainable: float) -> bool:
+    """fp32 weights + gradients + AdamW's two moments: 16 bytes per trainable parameter (GB or GiB accepted)."""
+    if _blank(answer, "训练时权重、梯度和优化器状态一共占的显存（单位 GB 的数字）"):
+        return False
+    gb, gib = n_trainable * 16 / 1e9, n_trainable * 16 / 2**30
+    if _close(answer, n_trainable * 4 / 1e9, 0.02) or _close(answer, n_trainable * 4 / 2**30, 0.02):
+        return _verdict(False, "", "这只是权重本身（4 字节/参数）；训练时还有同样大小的梯度，以及 AdamW 的两份状态（一阶、二阶矩）。")
+    return _verdict(_close(answer, gb, 0.02) or _close(answer, gib, 0.02),
+                    f"{n_trainable:,.0f} 个参数 × 16 字节（权重 4 + 梯度 4 + AdamW 两份状态 8）≈ {gb:.1f} GB，还没算激活值。",
+                    "fp32 的权重、梯度各 4 字节，AdamW 为每个参数再存两份 4 字节的状态：一共 16 字节/参数。")

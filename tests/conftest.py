@@ -47,3 +47,20 @@ def mini_world():
     from llava_lib.mini.build import build
     meta = build()
     return config.mini_root(), meta
+
+
+def run_single_and_ddp(common: list[str], out, port: int) -> None:
+    """``llava-train`` with ``common`` flags twice: one process with ``--grad-accum 2`` into ``out/single`` and two
+    DDP processes with ``--grad-accum 1`` into ``out/ddp`` (the same global batch); each must exit 0."""
+    import os
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"single": [sys.executable, "-m", "llava_lib.train", *common, "--grad-accum", "2"],
+            "ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                    "-m", "llava_lib.train", *common, "--grad-accum", "1"]}
+    for name, cmd in runs.items():
+        done = subprocess.run([*cmd, "--out", str(Path(out) / name)], capture_output=True, text=True, timeout=900,
+                              env=env, cwd=repo)
+        assert done.returncode == 0, (name, done.stderr[-3000:])

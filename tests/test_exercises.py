@@ -147,8 +147,17 @@ BLANK_CASES = [
     ("check_cosine", ([1.0], [1.0])), ("check_cap_seg", ('{"global_caption": "x"}',)),
     ("check_splice", (None, None, None)), ("check_lr_schedule", (10, None)), ("check_image_messages", ()),
     ("check_image_block_tokens", (None, 197)), ("check_end_of_turn", (None,)), ("check_count_im_start", (None, [])),
-    ("check_label_positions", (None, [])),
+    ("check_label_positions", (None, [])), ("check_training_memory_gb", (6e8,)),
 ]
+
+
+def test_training_memory(capsys):
+    n = 596_049_920
+    assert_right(capsys, ex.check_training_memory_gb, n * 16 / 1e9, n)
+    assert_right(capsys, ex.check_training_memory_gb, n * 16 / 2**30, n)
+    ok, out = verdict(capsys, ex.check_training_memory_gb, n * 4 / 1e9, n)   # weights only
+    assert ok is False and "梯度" in out
+    assert_wrong(capsys, ex.check_training_memory_gb, n * 8 / 1e9, n)
 
 
 @pytest.mark.parametrize("name,args", BLANK_CASES)

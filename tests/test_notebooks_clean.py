@@ -10,10 +10,10 @@ from llava_lib import nbtools
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 EXPECTED = ["00_environment", "01_qwen3_chat", "02_clip_matching", "03_dataset", "04_stage1_training",
-            "05_llava_chat"]
+            "05_llava_chat", "06_stage2_instruction"]
 
 
-def test_the_six_notebooks_are_there():
+def test_the_seven_notebooks_are_there():
     assert [p.stem for p in NOTEBOOKS] == EXPECTED
 
 

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import run_single_and_ddp
 
 from llava_lib.train import TrainConfig, TrainingError, latest_checkpoint, read_scalars, train
 
@@ -100,16 +101,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(mini_wor
     common = ["--profile", "mini", "--max-steps", "4", "--batch-size", "4", "--eval-every", "0",
               "--caption-eval-n", "0", "--eval-limit", "8", "--no-tensorboard", "--save-every", "0",
               "--num-workers", "0", "--seed", "5"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "llava_lib.train", *common, "--grad-accum", "2",
-                             "--out", str(tmp_path / "single")], capture_output=True, text=True, timeout=600,
-                            env=env, cwd=REPO)
-    assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", "-m", "llava_lib.train", *common, "--grad-accum", "1",
-                          "--out", str(tmp_path / "ddp")], capture_output=True, text=True, timeout=600, env=env,
-                         cwd=REPO)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    run_single_and_ddp(common, tmp_path, 29517)
     from safetensors.torch import load_file
     a = load_file(str(tmp_path / "single" / "final" / "projection.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "final" / "projection.safetensors"))

@@ -2,11 +2,11 @@
 
 The mini LM learned captions and three question forms (count, "what is at ...", "is there a ... colour") while it
 was built. These conversations ask in forms it never saw, with short answers: the colour or the shape at a
-position, where an object is, how many shapes, yes/no questions, and multi-turn follow-ups that say 它 ("it") for
-the object of the previous turn. A Stage-1-only model answers them with caption-like sentences; Stage 2 teaches
+position, whether anything is at a position, how many shapes, whether a shape is there, and multi-turn
+follow-ups that say 它 ("it") for the object of the previous turn. A Stage-1-only model answers them with caption-like sentences; Stage 2 teaches
 the new forms. The scenes are drawn with their own seed, apart from the Stage 1 and LM scenes. Every token of
 these texts is one the mini LM already uses: its other embedding rows are exactly zero and stay zero through
-Stage 2 (``mini/loss.py``), which is why a few questions read tersely (``红色的圆形，位置是什么？``).
+Stage 2 (``mini/loss.py``), which is why the questions keep to a small vocabulary.
 """
 from __future__ import annotations
 
@@ -18,10 +18,14 @@ import numpy as np
 
 from ..data.conversations import LABELS_DIR, SFT_SUBSETS, TEXT_EVAL_FILE, TEXT_TRAIN_FILE
 from .corpus import _turns
-from .scenes import COLORS, COUNT_WORDS, POSITIONS, SHAPES, Scene, make_scenes, render
+from .scenes import COUNT_WORDS, POSITIONS, SHAPES, Scene, make_scenes, render
 
 SEED_OFFSET = 7  # spec.seed + 7: no other part of the build draws scenes with this seed
 N_SINGLE, N_MULTI, N_TEXT_TRAIN, N_TEXT_EVAL = 2000, 1000, 600, 200
+# How often each kind of single_qa comes, in its order: colour / shape at a position, anything at a position,
+# how many, is there a shape. "Where is the red circle?" (answer: a position) is not among them: after 1,000 steps
+# the 3-layer mini LM still answered it at chance (5 of 16), while every kind here was 85-100% right.
+KIND_SHARES = (0.25, 0.25, 0.2, 0.15, 0.15)
 
 
 def _at(scene: Scene, cell: int):
@@ -30,7 +34,7 @@ def _at(scene: Scene, cell: int):
 
 def single_qa(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     """One question in a form the mini LM has not seen, and its short answer."""
-    kind = int(rng.integers(6))
+    kind = int(rng.choice(len(KIND_SHARES), p=KIND_SHARES))
     objs = scene.objects
     if kind in (0, 1):  # the colour / shape at a position (possibly empty)
         cell = int(rng.integers(len(POSITIONS)))
@@ -39,19 +43,14 @@ def single_qa(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
         if o is None:
             return f"{pos}的物体是什么{what}？", f"{pos}没有物体。"
         return f"{pos}的物体是什么{what}？", f"{o.color if kind == 0 else o.shape}。"
-    if kind == 2:
-        o = objs[int(rng.integers(len(objs)))]
-        return f"{o.color}的{o.shape}，位置是什么？", f"在{o.position}。"
+    if kind == 2:  # is there anything at a position
+        cell = int(rng.integers(len(POSITIONS)))
+        return f"{POSITIONS[cell]}有物体吗？", "有。" if _at(scene, cell) is not None else "没有。"
     if kind == 3:
         return "图中有几个图形？", f"{COUNT_WORDS[len(objs)]}个。"
-    if kind == 4:
-        present = [o.shape for o in objs]
-        shape = present[int(rng.integers(len(present)))] if rng.random() < 0.5 else SHAPES[int(rng.integers(len(SHAPES)))]
-        return f"图中有{shape}吗？", "有。" if shape in present else "没有。"
-    cell = int(rng.integers(len(POSITIONS)))
-    o = _at(scene, cell)
-    color = o.color if o is not None and rng.random() < 0.5 else list(COLORS)[int(rng.integers(len(COLORS)))]
-    return f"{POSITIONS[cell]}有{color}的东西吗？", "有。" if o is not None and o.color == color else "没有。"
+    present = [o.shape for o in objs]
+    shape = present[int(rng.integers(len(present)))] if rng.random() < 0.5 else SHAPES[int(rng.integers(len(SHAPES)))]
+    return f"图中有{shape}吗？", "有。" if shape in present else "没有。"
 
 
 def multi_turn(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
@@ -101,7 +100,7 @@ def write_corpus(root: Path, seed: int, n_single: int = N_SINGLE, n_multi: int =
     for name, n, offset in ((TEXT_TRAIN_FILE, n_text_train, 3), (TEXT_EVAL_FILE, n_text_eval, 1)):
         text_rng = np.random.default_rng(seed + SEED_OFFSET + offset)
         lines = []
-        for scene in make_scenes(4 * n, seed + SEED_OFFSET + offset):
+        for scene in make_scenes(8 * n, seed + SEED_OFFSET + offset):  # about a quarter are text-only
             turns, with_image = _turns(scene, text_rng)
             if not with_image:
                 lines.append(json.dumps({"conversations": turns}, ensure_ascii=False))

@@ -46,7 +46,8 @@ class VisionTower(nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vm = self.vision_model
-        h = vm.embeddings(pixel_values.to(self.dtype))  # [B, 197, D]
+        weight = vm.embeddings.patch_embedding.weight  # pixels may come from a CPU DataLoader: move them here
+        h = vm.embeddings(pixel_values.to(device=weight.device, dtype=weight.dtype))  # [B, 197, D]
         h = vm.pre_layrnorm(h)
         for layer in vm.encoder.layers[: self.n_layers_used]:
             h = layer(h, None)
