@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session: the card, the decode benchmark, the training-step benchmark, a summary table last.
+# One GPU session: the card, the decode benchmark, the Stage 1 and Stage 2 training-step benchmarks, a summary last.
 #
 # For the lead (device tool), from the repository root, nothing to carry:
 #     run(command="bash benchmarks/gpu_session.sh", timeout_s=540)
@@ -7,8 +7,9 @@
 # checked against the real tokenizer by tests/test_benchmarks.py), and import nothing the machine lacks
 # (modelscope, dashscope, llava_lib.data). Expected wall time: about 5-6 minutes (generate with the compilation
 # of its static-cache path: not measured yet, limited to 150 s; train_step at most about 4.5 minutes, of which one
-# to two minutes of torch.compile); hard limits below keep the whole script under 8 minutes. Results come back under $OUT:
-# generate.json, train_step.json, both logs and summary.txt. Exit status: 0 when every check passed (train_step:
+# to two minutes of torch.compile; stage2_step at most 120 s); hard limits below keep the whole script under 10
+# minutes (the device tool's limit per command). Results come back under $OUT: generate.json, train_step.json,
+# stage2_step.json, their logs and summary.txt. Exit status: 0 when every check passed (train_step and stage2_step:
 # same loss; generate: every path ran and decoded the asked number of tokens). The decode benchmark alone:
 # benchmarks/gpu_generate_only.sh.
 source "$(dirname "$0")/gpu_env.sh"
@@ -30,6 +31,10 @@ echo "== train_step (textbook vs train())"
 timeout 300 python3 benchmarks/train_step.py --budget-s 255 --json "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.log"
 ts_rc=${PIPESTATUS[0]}
 
-echo "== summary (exit codes: generate $gen_rc, train_step $ts_rc; 124 = killed at its time limit)"
+echo "== stage2_step (the original course's Stage 2 recipe vs train(stage=2), batch 4/8/16)"
+timeout 120 python3 benchmarks/stage2_step.py --json "$OUT/stage2_step.json" 2>&1 | tee "$OUT/stage2_step.log"
+s2_rc=${PIPESTATUS[0]}
+
+echo "== summary (exit codes: generate $gen_rc, train_step $ts_rc, stage2_step $s2_rc; 124 = killed at its time limit)"
 python3 benchmarks/common.py summary "$OUT/train_step.json" "$OUT/generate.json" | tee "$OUT/summary.txt"
-[ "$gen_rc" -eq 0 ] && [ "$ts_rc" -eq 0 ]
+[ "$gen_rc" -eq 0 ] && [ "$ts_rc" -eq 0 ] && [ "$s2_rc" -eq 0 ]

@@ -129,7 +129,8 @@ def main(argv=None) -> int:
             a_step, a_loss = original_step(vm, copy.deepcopy(llm), copy.deepcopy(proj), autocast)
             b_step, b_loss, model = project_step(vm, copy.deepcopy(llm), device, autocast)
             model.projector.load_state_dict(proj.state_dict())
-            la, lb = float(a_loss(batches[0])), float(b_loss(batches[0]))
+            with torch.no_grad():
+                la, lb = float(a_loss(batches[0])), float(b_loss(batches[0]))
             row["loss_original"], row["loss_project"] = la, lb
             if abs(la - lb) > args.rtol * abs(la):
                 ok = False

@@ -48,7 +48,7 @@ def test_written_out_chat_ids_are_the_tokenizers(qwen_tokenizer):
 
 @pytest.mark.slow
 def test_benchmarks_import_nothing_gpu_machine_lacks():
-    code = ("import sys; sys.path.insert(0, 'benchmarks'); import train_step, generate; "
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import train_step, generate, stage2_step; "
             "bad = [m for m in ('modelscope', 'dashscope', 'llava_lib.data', 'llava_lib.mini') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
@@ -70,6 +70,17 @@ def test_train_step_benchmark_mini(tmp_path, cached_tokenizer):
     assert d["results"]["textbook"]["samples_per_s"] > 0
     assert d["ratio_b_over_a"] is not None and d["ratio_b_over_a"] > 0
     assert d["table"] and d["flop_formula"]
+
+
+@pytest.mark.slow
+def test_stage2_step_benchmark_mini(tmp_path):
+    """Both recipes compute the same loss on the same batch before they are timed, and both are timed."""
+    out = tmp_path / "stage2_step.json"
+    r = _run("stage2_step.py", out, "--batch-sizes", "2", "--steps", "1", "--warmup", "0")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    row = json.loads(out.read_text(encoding="utf-8"))["rows"][0]
+    assert abs(row["loss_original"] - row["loss_project"]) < 0.05 * row["loss_original"], row
+    assert row["original"]["samples_per_s"] > 0 and row["project"]["samples_per_s"] > 0 and row["ratio"] > 0
 
 
 @pytest.mark.slow

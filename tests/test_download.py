@@ -267,3 +267,37 @@ def test_clip_dir_holding_the_modelscope_layout_is_converted_in_place(monkeypatc
     _write_small_modelscope_clip(d)  # e.g. `modelscope download --local_dir <clip_path>` by hand
     assert dl.download_clip(d) == d
     assert cm.is_converted_dir(d) and cm.is_modelscope_layout(tmp_path / "clip-modelscope")
+
+
+def test_sft_download_unpacks_an_archive_and_finds_the_conversation_folders(monkeypatch, tmp_path, capsys):
+    """The hub may ship CogVLM-SFT-311K as an archive with a top-level folder: it is unpacked once, the folder that
+    holds both conversation subsets is returned, and a second call needs no network."""
+    import shutil
+
+    from llava_lib.data.conversations import LABELS_DIR, SFT_SUBSETS
+    staging = tmp_path / "staging" / "CogVLM-SFT-311K"
+    for subset in SFT_SUBSETS:
+        (staging / subset / "images").mkdir(parents=True)
+        (staging / subset / LABELS_DIR).mkdir(parents=True)
+        (staging / subset / LABELS_DIR / "00000001.json").write_text('{"conversations": []}', encoding="utf-8")
+    archive = shutil.make_archive(str(tmp_path / "CogVLM-SFT-311K"), "zip", staging.parent)
+    calls = []
+
+    def fake(**kw):
+        calls.append(kw["dataset_id"])
+        shutil.copy(archive, Path(kw["local_dir"]) / "CogVLM-SFT-311K.zip")
+        return kw["local_dir"]
+
+    monkeypatch.setattr(modelscope, "dataset_snapshot_download", fake)
+    dest = tmp_path / "sft"
+    found = dl.download_sft(dest)
+    assert calls == ["ZhipuAI/CogVLM-SFT-311K"] and found == dest / "CogVLM-SFT-311K"
+    assert "LLAVA_SFT_ROOT" in capsys.readouterr().out  # the data is one level down: say where to point
+    monkeypatch.setattr(modelscope, "dataset_snapshot_download", lambda **kw: pytest.fail("network used"))
+    assert dl.download_sft(dest) == found
+
+
+def test_sft_download_without_the_folders_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(modelscope, "dataset_snapshot_download", lambda **k: k["local_dir"])
+    with pytest.raises(dl.DownloadError, match="labels_zh"):
+        dl.download_sft(tmp_path / "sft")
