@@ -479,7 +479,7 @@ class _Logger:
                         disable=not (run.is_main and run.cfg.progress))
 
     def step(self, rec: dict) -> None:
-        self.bar.update(1)
+        self.bar.update(rec["step"] - self.bar.n)  # called every log_every steps: move to the step itself
         if self.writer:
             for k in ("loss", "ppl", "lr", "samples_per_s", "data_wait_frac"):
                 self.writer.add_scalar(("perf/" if k in ("samples_per_s", "data_wait_frac") else "train/") + k,

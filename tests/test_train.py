@@ -218,3 +218,10 @@ def test_resume_with_more_steps_follows_the_new_schedule(tmp_path):
     _, opt2, sched2 = fresh(2)
     load_checkpoint(path, model, opt2, sched2)
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_the_progress_bar_counts_steps_not_log_lines(mini_world, tmp_path, capsys):
+    """The bar is moved only every ``log_every`` steps, but it must show the step number itself."""
+    train(quick(tmp_path, max_steps=20, log_every=10, progress=True, tensorboard=False, save_every=0))
+    err = capsys.readouterr().err
+    assert "20/20" in err and "2/20" not in err.replace("20/20", ""), err[-500:]
