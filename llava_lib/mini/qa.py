@@ -5,8 +5,8 @@ was built. These conversations ask in forms it never saw, with short answers: th
 position, whether anything is at a position, how many shapes, whether a shape is there, and multi-turn
 follow-ups that say 它 ("it") for the object of the previous turn. A Stage-1-only model answers them with caption-like sentences; Stage 2 teaches
 the new forms. The scenes are drawn with their own seed, apart from the Stage 1 and LM scenes. Every token of
-these texts is one the mini LM already uses: its other embedding rows are exactly zero and stay zero through
-Stage 2 (``mini/loss.py``), which is why the questions keep to a small vocabulary.
+these texts is one the mini LM already uses: its other embedding rows are exactly zero, and the mini profile's
+Stage 2 keeps the embedding table frozen, so the questions keep to a small vocabulary.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Shapes for the real models (mini world in brackets): pixels [B,3,224,224] -> vision [B,197,768 (96)]
 -> projection [B,197,1024 (64)] -> written at the 197 ``<|image_pad|>`` positions of the input embeddings
--> Qwen3 -> hidden [B,T,1024] -> LM head only where a label exists -> cross-entropy.
+-> Qwen3 -> hidden [B,T,1024 (64)] -> LM head only where a label exists -> cross-entropy.
 """
 from __future__ import annotations
 
