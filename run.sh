@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # 课程工作簿的两个入口：
-#   bash run.sh        安装缺少的依赖 → 构建迷你世界 → 在迷你世界上跑完 Stage 1 和 Stage 2 → 打印结果
+#   bash run.sh        安装缺少的依赖 → 构建迷你世界 → 在迷你世界上跑完 Stage 1 → 打印结果
+#   bash run.sh stage2 接着在迷你世界上跑完 Stage 2（从 Stage 1 的结果出发；还没有时先训练 Stage 1）→ 打印结果
 #   bash run.sh test   安装缺少的依赖 → 运行全部测试（单元测试 + 七个笔记本的 nbval + 浏览器测试）
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -45,7 +46,11 @@ case "${1:-main}" in
     ensure_deps
     "$PY" -m llava_lib.mini build
     "$PY" -m llava_lib.train --profile mini --out checkpoints/stage1-mini
-    "$PY" -m llava_lib.train --stage 2 --profile mini --stage1 checkpoints/stage1-mini --out checkpoints/stage2-mini
+    ;;
+  stage2)
+    ensure_deps
+    "$PY" -m llava_lib.mini build
+    "$PY" -m llava_lib.train --stage 2 --profile mini --out checkpoints/stage2-mini
     ;;
   test)
     ensure_deps
@@ -55,7 +60,7 @@ case "${1:-main}" in
     "$PY" -m pytest -q --nbval-lax tests notebooks
     ;;
   *)
-    echo "用法：bash run.sh [main|test]" >&2
+    echo "用法：bash run.sh [main|stage2|test]" >&2
     exit 2
     ;;
 esac
