@@ -27,9 +27,7 @@ def zero_rows_head_loss(lm_head: nn.Module, min_zero_fraction: float = 0.5):
     w = lm_head.weight
     if getattr(lm_head, "bias", None) is not None or w.requires_grad:
         return lean_causal_lm_loss
-    live_rows_head(lm_head)  # the captions generated during training decode through the same head
-    with torch.no_grad():
-        live = (w != 0).any(dim=1).nonzero().flatten()
+    live = live_rows_head(lm_head)  # the captions generated during training decode through the same head
     n_zero = w.shape[0] - live.numel()
     if n_zero < min_zero_fraction * w.shape[0]:
         lm_head.__dict__.pop("forward", None)
@@ -59,11 +57,14 @@ def _live_rows_forward(lm_head: nn.Module, live: torch.Tensor, hidden: torch.Ten
     return logits
 
 
-def live_rows_head(lm_head: nn.Module) -> None:
+def live_rows_head(lm_head: nn.Module) -> torch.Tensor:
     """Let a frozen head whose rows are mostly exactly zero multiply only its live rows.
 
     A zero row's logit is exactly 0 and a live row's is the same dot product as in the full product (bit for bit,
     tested), so decoding is unchanged; the full 151,936-row product was most of a mini decode step on a CPU.
+    Returns the indices of the live rows.
     """
-    live = (lm_head.weight != 0).any(dim=1).nonzero().flatten()
+    with torch.no_grad():
+        live = (lm_head.weight != 0).any(dim=1).nonzero().flatten()
     lm_head.forward = functools.partial(_live_rows_forward, lm_head, live)
+    return live
