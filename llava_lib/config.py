@@ -1,15 +1,11 @@
-"""One place that answers "which models, which data, which settings?" for a profile.
+"""Which models, which data, which settings, per profile: ``mini`` (the offline mini world, default) or ``full``
+(the real Chinese-CLIP ViT-B/16, Qwen3-0.6B and SA1B-Dense-Caption from ModelScope).
 
-Profiles:
-- ``mini`` (default): the offline mini world built by ``python -m llava_lib.mini build``.
-- ``full``: the real Chinese-CLIP ViT-B/16, Qwen3-0.6B and SA1B-Dense-Caption, downloaded from ModelScope.
-
-:class:`TrainConfig` holds everything of a run, paths and hyperparameters; :func:`resolve` turns its path fields
-into a :class:`Paths`. Precedence, highest first: keyword arguments > environment variables > config file >
-profile defaults. Environment variables name only the profile and paths (:data:`ENV_VARS`, ``LLAVA_HOME``,
-``LLAVA_CONFIG``). The config file is TOML: ``$LLAVA_CONFIG``, else ``llava.toml`` in the working directory or at
-the repository root (so a notebook kernel started in ``notebooks/`` finds it too). Its keys are field names of
-:class:`TrainConfig` at the top level, or inside a ``[mini]`` / ``[full]`` table that applies to that profile only.
+:class:`TrainConfig` holds a run's paths and hyperparameters; :func:`resolve` turns its path fields into
+:class:`Paths`. Precedence: keyword arguments > environment (profile and paths only) > config file > profile
+defaults. The TOML config file (``$LLAVA_CONFIG``, else ``llava.toml`` in the working directory or the repository
+root, which a kernel started in ``notebooks/`` also finds) has ``TrainConfig`` fields at the top level or in a
+``[mini]`` / ``[full]`` table.
 """
 from __future__ import annotations
 
@@ -18,7 +14,7 @@ import os
 import tomllib
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 PROFILES = ("mini", "full")
@@ -132,15 +128,10 @@ def _default_paths(profile: str) -> dict:
         m = home / "mini"
         return dict(clip_path=m / "clip", llm_path=m / "llm", data_root=m / "sa1b", eval_data_root=m / "sa1b_eval",
                     cache_dir=m / "cache", checkpoints_dir=root_ckpt, sft_root=m / "sft")
-    return dict(
-        clip_path=home / "models" / "chinese-clip-vit-base-patch16",
-        llm_path=home / "models" / LLM_MODEL_ID,
-        data_root=home / "datasets" / "SA1B-Dense-Caption",
-        eval_data_root=None,
-        cache_dir=home / "image_cache" / "sa1b",
-        checkpoints_dir=root_ckpt,
-        sft_root=home / "datasets" / "CogVLM-SFT-311K",
-    )
+    return dict(clip_path=home / "models" / "chinese-clip-vit-base-patch16", llm_path=home / "models" / LLM_MODEL_ID,
+                data_root=home / "datasets" / "SA1B-Dense-Caption", eval_data_root=None,
+                cache_dir=home / "image_cache" / "sa1b", checkpoints_dir=root_ckpt,
+                sft_root=home / "datasets" / "CogVLM-SFT-311K")
 
 
 # ---------------------------------------------------------------------------------------- run settings
@@ -311,29 +302,22 @@ def resolve(profile: str | None = None, **overrides) -> Paths:
 
 def how_to_get(paths: Paths, name: str) -> str:
     """The command that produces the resource ``name`` for this profile."""
-    if paths.profile == "mini":
-        return BUILD_MINI_CMD
-    return DOWNLOAD_CMDS.get(name, "")
+    return BUILD_MINI_CMD if paths.profile == "mini" else DOWNLOAD_CMDS.get(name, "")
 
 
 def _is_model_dir(path: Path, name: str) -> str | None:
     """None when ``path`` holds a loadable model for ``name``, else what is missing."""
     if (path / "config.json").exists():
         return None
-    if name == "clip_path":
-        from .model.convert_modelscope import is_modelscope_layout  # ModelScope's own layout converts on load
-        if is_modelscope_layout(path):
-            return None
-        return "config.json（transformers 格式），也不是 ModelScope 格式"
-    return "config.json"
+    if name != "clip_path":
+        return "config.json"
+    from .model.convert_modelscope import is_modelscope_layout  # ModelScope's own layout converts on load
+    return None if is_modelscope_layout(path) else "config.json（transformers 格式），也不是 ModelScope 格式"
 
 
 def check_path(paths: Paths, name: str) -> Path:
     """Return the path ``name`` if it exists and looks complete, else raise with the fix."""
-    value = getattr(paths, name)
-    what = _WHAT.get(name, name)
-    env = ENV_VARS.get(name, "")
-    fix = how_to_get(paths, name)
+    value, what, env = getattr(paths, name), _WHAT.get(name, name), ENV_VARS.get(name, "")
     if value is None:
         raise MissingResourceError(f"{what} 未配置（profile={paths.profile}）。请设置环境变量 {env}。")
     value = Path(value)
@@ -348,14 +332,8 @@ def check_path(paths: Paths, name: str) -> Path:
     if problem:
         raise MissingResourceError(
             f"{what} {problem}：{value}\n"
-            f"  解决办法：运行 `{fix}` 生成/下载它，或把环境变量 {env} 指向已有的目录。"
-        )
+            f"  解决办法：运行 `{how_to_get(paths, name)}` 生成/下载它，或把环境变量 {env} 指向已有的目录。")
     return value
-
-
-def with_profile(paths: Paths, **changes) -> Paths:
-    """A copy with some fields changed (paths stay immutable)."""
-    return replace(paths, **{k: Path(v) if v is not None and k != "profile" else v for k, v in changes.items()})
 
 
 # ------------------------------------------------------------------------------------------ the command line

@@ -1,15 +1,9 @@
-"""Training. Stage 1: only the projection learns, both towers are frozen. Stage 2 (``stage=2``): visual
-instruction tuning, the projection and the LLM (or LoRA adapters on it) learn from multi-turn conversations,
-starting from a Stage 1 projection; the vision tower stays frozen.
+"""Training. Stage 1: only the projection learns. Stage 2 (``stage=2``): the projection and the LLM (or LoRA
+adapters) learn from conversations, starting from a Stage 1 projection. The vision tower is always frozen.
 
-``train(TrainConfig(...))`` is what the notebook calls; ``llava-train`` (``python -m llava_lib.train``) is the
-same function from a terminal, and under ``torchrun --nproc_per_node N`` it runs data-parallel (each rank reads
-its own batches; the gradients are summed over ranks before each step; rank 0 evaluates, logs and saves).
-
-The parts, each public so that a notebook or a benchmark can call it alone:
-``setup`` (device, model, data, optimizer, schedule) -> ``train_step`` (one AdamW step over ``grad_accum``
-batches) -> ``evaluate`` (held-out loss) -> ``save_checkpoint`` / ``load_checkpoint`` (exact resume). ``train``
-is the loop around them.
+``train(TrainConfig(...))`` is the notebook's call and ``llava-train`` the terminal's; under ``torchrun`` it runs
+data-parallel (rank 0 evaluates, logs and saves). Its parts are public: ``setup`` -> ``train_step`` ->
+``evaluate`` -> ``save_checkpoint`` / ``load_checkpoint``.
 """
 from __future__ import annotations
 
@@ -155,48 +149,43 @@ def train_step(model, batches: list[dict], optimizer, scheduler=None, *, autocas
 
 
 # ---------------------------------------------------------------------------------------------- eval
-@torch.no_grad()
 def evaluate(model, loader, autocast=contextlib.nullcontext) -> float:
     """Mean cross-entropy per label token over ``loader`` (the held-out loss)."""
-    was_training = model.training
-    model.eval()
     total, n = 0.0, 0
-    for batch in loader:
-        if batch["input_ids"].numel():
-            s, k = loss_sum(model, batch, autocast)
-            total, n = total + float(s), n + k
-    model.train(was_training)
+    with _eval_mode(model):
+        for batch in loader:
+            if batch["input_ids"].numel():
+                s, k = loss_sum(model, batch, autocast)
+                total, n = total + float(s), n + k
     return total / max(n, 1)
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def generate_captions(model, tokenizer, dataset, indices, max_new_tokens: int = 48) -> list[tuple[str, str]]:
     """(generated, reference) for the given eval samples, greedy."""
     from .chat import caption
-    was_training = model.training
-    model.eval()
-    out = [(caption(model, tokenizer, dataset.image(i), max_new_tokens=max_new_tokens), dataset.captions[i])
-           for i in indices]
-    model.train(was_training)
-    return out
+    with _eval_mode(model):
+        return [(caption(model, tokenizer, dataset.image(i), max_new_tokens=max_new_tokens), dataset.captions[i])
+                for i in indices]
 
 
-@torch.no_grad()
 def generate_answers(model, tokenizer, dataset, indices, max_new_tokens: int = 32) -> list[tuple[str, str]]:
-    """(generated, reference) for every assistant turn of the given conversations, greedy, with the reference
-    turns before it as the history."""
+    """(generated, reference) for every assistant turn of the given conversations, greedy; the reference turns
+    before each answer are its history."""
     from .chat import answer_turns
-    was_training = model.training
-    model.eval()
-    out = [pair for i in indices
-           for pair in answer_turns(model, tokenizer, dataset.image(i), dataset.conversations[i], max_new_tokens)]
-    model.train(was_training)
-    return out
-
-
-def caption_accuracy(pairs, metric) -> float | None:
-    """Share of ``(generated, reference)`` pairs that ``metric`` accepts; None without pairs."""
-    return sum(bool(metric(g, r)) for g, r in pairs) / len(pairs) if pairs else None
+    with _eval_mode(model):
+        return [pair for i in indices for pair in
+                answer_turns(model, tokenizer, dataset.image(i), dataset.conversations[i], max_new_tokens)]
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -308,16 +297,17 @@ def _sft_datasets(paths: cfg_mod.Paths, cfg: TrainConfig):
     return ds, train_idx, ds, eval_idx[:cfg.eval_limit], text
 
 
-def stage1_projection(cfg: TrainConfig) -> Path:
-    """Where Stage 2 starts: ``cfg.stage1`` (a run folder or its ``final/``), else the profile's default Stage 1
-    run; on the mini profile that run is trained first when it does not exist yet."""
+def stage1_projection(cfg: TrainConfig) -> tuple[Path, dict]:
+    """Where Stage 2 starts, and its ``projection.json``: ``cfg.stage1`` (a run folder or its ``final/``), else the
+    profile's default Stage 1 run; on the mini profile that run is trained first when it does not exist yet."""
     from .model.checkpoint import META
     given = Path(cfg.stage1).expanduser() if cfg.stage1 else Path(cfg.paths.checkpoints_dir) / f"stage1-{cfg.profile}"
     for p in (given, given / "final"):
         if (p / META).is_file():
-            if json.loads((p / META).read_text(encoding="utf-8")).get("stage", 1) != 1:
+            meta = json.loads((p / META).read_text(encoding="utf-8"))
+            if meta.get("stage", 1) != 1:
                 raise cfg_mod.ConfigError(f"{p} 是 Stage 2 的检查点；--stage1 要指向 Stage 1 的运行。")
-            return p
+            return p, meta
     if cfg.stage1 or cfg.profile != "mini" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise cfg_mod.MissingResourceError(
             f"找不到 Stage 1 的投影层：{given}（应有 {META}，或其中的 final/{META}）。\n  解决办法：先训练 Stage 1"
@@ -325,7 +315,7 @@ def stage1_projection(cfg: TrainConfig) -> Path:
     print(f"[train] 还没有 Stage 1 的迷你运行：先训练它（{given}），再开始 Stage 2。")
     train(TrainConfig.for_profile("mini", out_dir=str(given), progress=cfg.progress, tensorboard=cfg.tensorboard,
                                   device=cfg.device))
-    return given / "final"
+    return stage1_projection(dataclasses.replace(cfg, stage1=str(given / "final")))
 
 
 def _check_passed_model(model, cfg: TrainConfig) -> None:
@@ -411,9 +401,8 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(paths.checkpoints_dir) / f"stage{cfg.stage}-{cfg.profile}"
     if cfg.stage not in (1, 2):
         raise cfg_mod.ConfigError(f"stage 只能是 1 或 2，而不是 {cfg.stage}。")
-    parent = stage1_projection(cfg) if cfg.stage == 2 else None
+    parent, meta = stage1_projection(cfg) if cfg.stage == 2 else (None, None)
     if parent is not None:  # Stage 2 continues the Stage 1 projection: same type, same vision layer
-        meta = json.loads((parent / "projection.json").read_text(encoding="utf-8"))
         cfg = dataclasses.replace(cfg, projector_type=meta["projector_type"], feature_layer=meta["feature_layer"])
     torch.manual_seed(cfg.seed)
     if model is None:
@@ -524,15 +513,13 @@ def measure_quality(run: Run, metrics: dict, when: str) -> None:
         if run.is_main:
             metrics[f"text_only_loss_{when}"] = loss
             print(f"[train] {'训练前' if when == 'before' else '训练后'}纯文本对话的损失：{loss:.4f}")
-    if run.stage == 1:
-        n, metric, generate, name, label = (run.cfg.caption_eval_n, run.caption_metric, generate_captions,
-                                            "caption_accuracy", "描述准确率")
-    else:
-        n, metric, generate, name, label = (run.cfg.answer_eval_n, run.answer_metric, generate_answers,
-                                            "answer_accuracy", "回答准确率")
-    idx = run.eval_idx[:n]
-    if run.is_main and idx and metric is not None:
-        metrics[f"{name}_{when}"] = caption_accuracy(generate(run.model, run.tokenizer, run.eval_ds, idx), metric)
+    n, metric, generate, name, label = (
+        (run.cfg.caption_eval_n, run.caption_metric, generate_captions, "caption_accuracy", "描述准确率")
+        if run.stage == 1 else
+        (run.cfg.answer_eval_n, run.answer_metric, generate_answers, "answer_accuracy", "回答准确率"))
+    pairs = generate(run.model, run.tokenizer, run.eval_ds, run.eval_idx[:n]) if run.is_main and metric else []
+    if pairs:
+        metrics[f"{name}_{when}"] = sum(bool(metric(g, r)) for g, r in pairs) / len(pairs)
         print(f"[train] {'训练前' if when == 'before' else '训练后'}{label}：{metrics[f'{name}_{when}']:.2%}")
 
 

@@ -1,6 +1,8 @@
 """What 04_stage1_training prints: parameter counts, one decoded training sample, eval images, the run folder."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from conftest import tiny_llava
@@ -61,7 +63,7 @@ def test_eval_images_come_from_the_eval_split_or_the_train_tail(mini_world, tmp_
     assert captions == CachedImageDataset(paths.cache_dir / "eval", transform=None).captions[:3]
     # Without an eval split: the last rows of the train cache (held out by train()).
     (tmp_path / "train").symlink_to(paths.cache_dir / "train", target_is_directory=True)
-    no_eval = config.with_profile(paths, cache_dir=tmp_path)
+    no_eval = dataclasses.replace(paths, cache_dir=tmp_path)
     images, captions = explain.eval_images(no_eval, 2)
     train_caps = CachedImageDataset(paths.cache_dir / "train", transform=None).captions
     assert captions == train_caps[-2:]

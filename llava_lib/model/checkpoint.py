@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 WEIGHTS = "projection.safetensors"
 META = "projection.json"
@@ -46,30 +46,16 @@ def _projector(model):
 
 
 def projection_meta(model) -> dict:
-    return {
-        "format": FORMAT,
-        "projector_type": model.projector_type,
-        "vision_hidden": model.vision.hidden_size,
-        "llm_hidden": model.llm.config.hidden_size,
-        "feature_layer": model.vision.feature_layer,
-        "num_image_tokens": model.num_image_tokens,
-        "model_ids": getattr(model, "model_ids", {}),
-    }
+    return {"format": FORMAT, "projector_type": model.projector_type, "vision_hidden": model.vision.hidden_size,
+            "llm_hidden": model.llm.config.hidden_size, "feature_layer": model.vision.feature_layer,
+            "num_image_tokens": model.num_image_tokens, "model_ids": getattr(model, "model_ids", {})}
 
 
 def save_projection(directory: str | Path, model, extra: dict | None = None) -> Path:
     """Write ``projection.safetensors`` and ``projection.json`` into ``directory``; returns the directory."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in _projector(model).state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": str(FORMAT)})
-        os.replace(tmp, directory / WEIGHTS)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(directory / WEIGHTS, save(state, metadata={"format": str(FORMAT)}))
     atomic_write_json(directory / META, {**projection_meta(model), **(extra or {})})
     return directory
 
@@ -82,9 +68,8 @@ def load_projection(directory: str | Path, model, strict_ids: bool = False) -> d
     """Load weights into ``model.projector`` after checking that the checkpoint fits; returns its JSON."""
     directory = Path(directory)
     if not (directory / WEIGHTS).exists() or not (directory / META).exists():
-        raise FileNotFoundError(
-            f"在 {directory} 中找不到投影层检查点（需要 {WEIGHTS} 和 {META}）。"
-            f"请先运行训练（llava-train），或检查目录是否正确。")
+        raise FileNotFoundError(f"在 {directory} 中找不到投影层检查点（需要 {WEIGHTS} 和 {META}）。"
+                                f"请先运行训练（llava-train），或检查目录是否正确。")
     meta = json.loads((directory / META).read_text(encoding="utf-8"))
     expected = projection_meta(model)
     diffs = [f"{k}: 检查点={meta.get(k)!r}，当前模型={expected[k]!r}" for k in _MUST_MATCH if meta.get(k) != expected[k]]
@@ -92,10 +77,8 @@ def load_projection(directory: str | Path, model, strict_ids: bool = False) -> d
         diffs.append(f"model_ids: 检查点={meta.get('model_ids')!r}，当前模型={expected['model_ids']!r}")
     if diffs:
         raise CheckpointMismatchError(f"检查点 {directory} 与当前模型不匹配：\n  " + "\n  ".join(diffs))
-    state = load_file(str(directory / WEIGHTS))
     projector = _projector(model)
-    device = next(projector.parameters()).device
-    projector.load_state_dict({k: v.to(device) for k, v in state.items()})
+    projector.load_state_dict(load_file(str(directory / WEIGHTS), device=str(next(projector.parameters()).device)))
     return meta
 
 
@@ -110,10 +93,10 @@ def list_runs(checkpoints_dir: str | Path) -> list[dict]:
         run_dir = meta_file.parent.parent
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         cfg = _read_json(run_dir / "config.json")
+        weights = meta_file.parent / WEIGHTS
         runs.append({"name": run_dir.name, "dir": run_dir, "projection": meta_file.parent,
                      "profile": cfg.get("profile"), "steps": meta.get("step"), "stage": meta.get("stage", 1),
-                     "modified": (meta_file.parent / WEIGHTS).stat().st_mtime if (meta_file.parent / WEIGHTS).exists()
-                     else meta_file.stat().st_mtime,
+                     "modified": (weights if weights.exists() else meta_file).stat().st_mtime,
                      "metrics": _read_json(run_dir / "metrics.json")})
     return sorted(runs, key=lambda r: r["modified"], reverse=True)
 

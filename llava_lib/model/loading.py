@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import re
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, ChineseCLIPModel, ChineseCLIPVisionModel, Qwen3ForCausalLM
+from transformers.utils import logging as hf_logging
 
 from ..config import BUILD_MINI_CMD, DOWNLOAD_CMDS, MissingResourceError, Paths, check_path, resolve
 from .llava import LlavaStage1
@@ -110,23 +110,16 @@ def load_clip(path: str | Path, device: torch.device | None = None, dtype: torch
 _CLIP_TEXT_SIDE = re.compile(r"^(text_model\.|text_projection\.|visual_projection\.|logit_scale$)")
 
 
-class _DropLoadReport(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in record.getMessage()
-
-
 @contextmanager
-def _quiet_loading_report():
-    """Drop transformers' loading report (that one message, nothing else) while the vision side is read out of a
-    whole CLIP: it would list every text-side weight as unexpected. :func:`_require_complete` checks the same
-    information. Should transformers reword the report, it simply shows again."""
-    log = logging.getLogger("transformers.modeling_utils")
-    quiet = _DropLoadReport()
-    log.addFilter(quiet)
+def _errors_only():
+    """transformers' errors only, while the vision side is read out of a whole CLIP: its loading report would list
+    every text-side weight as unexpected. :func:`_require_complete` checks the same information."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
-        log.removeFilter(quiet)
+        hf_logging.set_verbosity(level)
 
 
 def load_vision_tower(path: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None,
@@ -135,7 +128,7 @@ def load_vision_tower(path: str | Path, device: torch.device | None = None, dtyp
     dtype = dtype or default_dtype(device)
     path = Path(path)
     if (path / "config.json").exists() and '"chinese_clip' in (path / "config.json").read_text(encoding="utf-8"):
-        with _quiet_loading_report():  # mismatches come back in `info` instead of an error that points at the report
+        with _errors_only():  # mismatches come back in `info` instead of an error that points at the report
             vm, info = ChineseCLIPVisionModel.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa",
                                                               output_loading_info=True, ignore_mismatched_sizes=True)
         _require_complete(info, "Chinese-CLIP 视觉塔", path,
@@ -149,20 +142,17 @@ def load_vision_tower(path: str | Path, device: torch.device | None = None, dtyp
 def build_model(paths: Paths | None = None, device: torch.device | str | None = None,
                 projector_type: str = "linear", feature_layer: int = -1, dtype: torch.dtype | None = None,
                 with_vision: bool = True, llm_dir: str | Path | None = None, llm_dtype: torch.dtype | None = None):
-    """Load the towers for ``paths`` (default: the resolved profile) and put a fresh projection between them.
+    """``(model, tokenizer)``: the towers for ``paths`` (default: the resolved profile), a fresh projection between.
 
     ``llm_dir`` replaces ``paths.llm_path`` (a Stage 2 model's own LLM); ``llm_dtype`` replaces ``dtype`` for the
     LLM (Stage 2 trains it in fp32 under bf16 autocast: AdamW's small updates would vanish in bf16 weights).
-    Returns ``(model, tokenizer)``. Prints which attention backend was chosen, so the user sees it.
     """
     paths = paths or resolve()
     device = torch.device(device) if device is not None else default_device()
     llm_dir = Path(llm_dir) if llm_dir is not None else check_path(paths, "llm_path")
     tokenizer = load_tokenizer(llm_dir)
     llm = load_llm(llm_dir, device, llm_dtype or dtype)
-    vision = None
-    if with_vision:
-        vision = load_vision_tower(check_path(paths, "clip_path"), device, dtype, feature_layer)
+    vision = load_vision_tower(check_path(paths, "clip_path"), device, dtype, feature_layer) if with_vision else None
     model = LlavaStage1(vision, llm, projector_type)
     model.model_ids = {"clip": str(paths.clip_path), "llm": str(llm_dir)}
     print(f"[llava_lib] 设备 {device}，权重精度 {llm.dtype}，注意力实现：{llm.config._attn_implementation}")
@@ -173,8 +163,6 @@ def load_trained(directory: str | Path, paths: Paths | None = None, device: torc
     """The model a checkpoint was trained for: towers from ``paths`` (a Stage 2 checkpoint brings its own LLM in
     ``llm/``), the projection's type and vision layer from its ``projection.json``, then its weights (checked to
     fit). Returns ``(model, tokenizer, meta)``."""
-    import json
-
     from .checkpoint import META, load_projection
     meta_file = Path(directory) / META
     if not meta_file.is_file():
