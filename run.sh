@@ -57,7 +57,7 @@ case "${1:-main}" in
     ensure_chromium
     ensure_cjk_font
     "$PY" -m llava_lib.mini build
-    "$PY" -m pytest -q --nbval-lax tests notebooks
+    "$PY" -m pytest -q --durations=15 --nbval-lax tests notebooks
     ;;
   *)
     echo "用法：bash run.sh [main|stage2|test]" >&2

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .process import IMAGE_MARKER, clip_transform, encode_conversation
+from .process import DEFAULT_PROMPT, IMAGE_MARKER, clip_transform, encode_conversation
 
 # Qwen3's model card: sample in both modes (greedy decoding makes Qwen3 repeat itself endlessly). The thinking
 # values are also those of Qwen3's generation_config.json; the card adds the non-thinking ones.
@@ -64,13 +64,9 @@ class _EventStop(StoppingCriteria):
 
 
 def _without_open_think(reply: str) -> str:
-    """The reply as the history keeps it. Qwen3's template strips a past turn's reasoning by splitting at
-    ``</think>``; a reply cut off inside its think block has no ``</think>``, so the open block would be replayed
-    verbatim into every later prompt. It has no answer either: keep only what came before ``<think>`` (usually
-    nothing)."""
-    if "<think>" in reply and "</think>" not in reply:
-        return reply.partition("<think>")[0]
-    return reply
+    """The reply as the history keeps it: Qwen3's template drops past reasoning up to ``</think>``, so a reply cut
+    off inside its think block (no answer either) would be replayed into every later prompt; keep what came first."""
+    return reply.partition("<think>")[0] if "<think>" in reply and "</think>" not in reply else reply
 
 
 def load_image(source) -> Image.Image:
@@ -189,7 +185,6 @@ def caption(model, tokenizer, image, prompt: str | None = None, max_new_tokens: 
     """Greedy caption of one image (the eval of Stage 1)."""
     session = ChatSession(model, tokenizer, image=image,
                           generation={"do_sample": False, "max_new_tokens": max_new_tokens})
-    from .process import DEFAULT_PROMPT
     return session.ask(prompt or DEFAULT_PROMPT)
 
 
@@ -211,10 +206,8 @@ def answer_turns(model, tokenizer, image, messages: list[dict], max_new_tokens: 
 
 def split_thinking(text: str) -> tuple[str, str]:
     """(thinking, answer) of a reply that may start with ``<think>...</think>``."""
-    if "<think>" in text:
-        head, _, rest = text.partition("<think>")
-        thinking, closed, answer = rest.partition("</think>")
-        if not closed:
-            return thinking.strip("\n"), ""
-        return thinking.strip("\n"), (head + answer).lstrip("\n")
-    return "", text
+    if "<think>" not in text:
+        return "", text
+    head, _, rest = text.partition("<think>")
+    thinking, closed, answer = rest.partition("</think>")
+    return thinking.strip("\n"), (head + answer).lstrip("\n") if closed else ""

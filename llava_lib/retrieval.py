@@ -82,11 +82,6 @@ def top_k(scores: torch.Tensor | Sequence[float], k: int = 5) -> list[Match]:
     return [Match(int(i), float(scores[i])) for i in order]
 
 
-def _features(out) -> torch.Tensor:
-    """transformers returns a tensor (4.x) or an output whose ``pooler_output`` is the projection (5.x)."""
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
 class ClipMatcher:
     """A ``ChineseCLIPModel`` with its processor's BERT tokenizer, frozen, for matching.
 
@@ -123,7 +118,7 @@ class ClipMatcher:
         for i in range(0, len(images), batch_size):
             # The project's one image geometry (``process.clip_transform``), not the saved processor's own.
             pixels = torch.stack([clip_transform(im) for im in images[i:i + batch_size]])
-            feats = _features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
+            feats = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)).pooler_output
             out.append(F.normalize(feats.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0, self.model.config.projection_dim)
 
@@ -135,7 +130,7 @@ class ClipMatcher:
             enc = self.processor(text=list(texts[i:i + batch_size]), padding=True, truncation=True,
                                  max_length=self.max_text_tokens, return_tensors="pt")
             enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            feats = _features(self.model.get_text_features(**enc))
+            feats = self.model.get_text_features(**enc).pooler_output
             out.append(F.normalize(feats.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0, self.model.config.projection_dim)
 

@@ -1,17 +1,6 @@
-"""Speed-ups for GPU training, each one computing the same function as the plain path (docs/perf_notes.md has the
-numbers).
-
-Training (``train.setup`` uses both on CUDA: ``TrainConfig.head_loss="auto"`` picks the fused loss, and
-``TrainConfig.accelerate`` (``--no-accelerate`` turns it off) compiles the towers):
-
-* :func:`fused_lean_causal_lm_loss` — the lean loss with the head's gradient computed chunk by chunk inside the
-  forward, so no ``[chunk, 151936]`` logits are kept for the backward (same value, same gradient).
-* :func:`compile_towers` — ``torch.compile`` of each decoder layer of the frozen LLM and of the vision tower
-  ("regional compilation": the 28 identical layers share one compiled graph). Fuses RMSNorm, rotary, SiLU*mul and
-  the residual adds, and lets the partitioner keep only what the activation backward needs.
-
-Decoding needs nothing here: ``chat`` uses transformers' ``generate``.
-"""
+"""GPU training speed-ups that compute the same function as the plain path (numbers in docs/perf_notes.md); on
+CUDA ``train.setup`` uses both: the fused head loss (``head_loss="auto"``) and regional compilation
+(``accelerate``)."""
 from __future__ import annotations
 
 import torch
@@ -23,13 +12,9 @@ from torch import nn
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
-    """``sum_i CE(h_i @ W^T, y_i)`` with ``d/dh`` computed in the forward, one chunk of rows at a time.
-
-    The plain path keeps each chunk's fp32 log-softmax ([chunk, vocab], 2.5 GB at chunk 4096) until the backward;
-    here each chunk's ``softmax - onehot`` is turned into ``[chunk, D]`` gradient rows at once and dropped.
-    The arithmetic is the plain path's: logits in the head's dtype (bf16 under autocast), upcast to fp32, the
-    gradient cast back to that dtype before the ``@ W`` product.
-    """
+    """``sum_i CE(h_i @ W^T, y_i)`` with ``d/dh`` computed in the forward, one chunk of rows at a time: no fp32
+    ``[chunk, vocab]`` log-softmax (2.5 GB at chunk 4096) waits for the backward. Same arithmetic and dtypes as
+    the plain path."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk):
@@ -92,12 +77,10 @@ def _decoder_layers(model, vision: bool = True) -> list[nn.Module]:
 
 def compile_towers(model, *, dynamic: bool | None = True, backend: str = "inductor", mode: str | None = None,
                    vision: bool = True) -> int:
-    """``torch.compile`` every decoder layer of the frozen LLM (and, with ``vision``, of the vision tower) in place.
+    """``torch.compile`` each decoder layer of the frozen LLM (and vision tower) in place; returns how many.
 
-    Regional compilation: identical layers share one compiled graph, so compile time is that of one layer (per
-    tower), not of the whole model. ``dynamic=True`` traces batch size and sequence length symbolically, so
-    length-grouped batches of any shape reuse the same graph. Returns the number of layers wrapped.
-    """
+    Identical layers share one compiled graph (compile time of one layer per tower); ``dynamic=True`` lets
+    batches of any shape reuse it."""
     layers = _decoder_layers(model, vision)
     kwargs = {"dynamic": dynamic, "backend": backend}
     if mode is not None:
