@@ -261,6 +261,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 
 # ---------------------------------------------------------------------------------------------- setup
 def _datasets(paths: cfg_mod.Paths, cfg: TrainConfig):
+    """Stage 1: (train set, its indices, eval set, its indices, text-only eval samples), as ``_sft_datasets``."""
     from .data import CachedImageDataset
     train_dir, eval_dir = Path(paths.cache_dir) / "train", Path(paths.cache_dir) / "eval"
     if not train_dir.exists():
@@ -278,7 +279,7 @@ def _datasets(paths: cfg_mod.Paths, cfg: TrainConfig):
         n_train = min(n_train, cfg.limit)
     if n_train <= 0:
         raise TrainingError("训练集为空：请检查 limit / eval_limit 和图片缓存。")
-    return train, list(range(n_train)), ev, eval_idx
+    return train, list(range(n_train)), ev, eval_idx, []  # no text-only eval set in Stage 1
 
 
 def _sft_datasets(paths: cfg_mod.Paths, cfg: TrainConfig):
@@ -426,11 +427,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         for p in (p for p in model.parameters() if p.requires_grad):
             torch.distributed.broadcast(p.data, 0)
 
-    text = []
-    if cfg.stage == 2:
-        train_ds, train_idx, eval_ds, eval_idx, text = _sft_datasets(paths, cfg)
-    else:
-        train_ds, train_idx, eval_ds, eval_idx = _datasets(paths, cfg)
+    train_ds, train_idx, eval_ds, eval_idx, text = (_sft_datasets if cfg.stage == 2 else _datasets)(paths, cfg)
     collate = make_collate(tokenizer, model.num_image_tokens, cfg.max_text_tokens)
     pool = load_hook(cfg.instructions) if cfg.instructions and cfg.stage == 1 else None
     train_collate = make_collate(tokenizer, model.num_image_tokens, cfg.max_text_tokens, prompts=pool)
