@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "data":
             path = download_data(args.dest, limit_shards=args.limit_shards, force=args.force)
         else:
-            path = {"clip": download_clip, "llm": download_llm, "sft": download_sft}[args.what](args.dest, force=args.force)
+            job = {"clip": download_clip, "llm": download_llm, "sft": download_sft}[args.what]
+            path = job(args.dest, force=args.force)
     except (DownloadError, config.MissingResourceError, CheckpointMismatchError, FileExistsError) as e:
         print(f"错误：{e}", file=sys.stderr)
         return 1

@@ -52,7 +52,8 @@ def flash_attn_wheel(torch_version: str, cuda_version: str | None, python_versio
                                                  for c, t, p, a in FLASH_ATTN_RELEASE_MATRIX):
         return None
     name = f"flash_attn-{FLASH_ATTN_VERSION}+cu{cuda}torch{torch_mm}cxx11abi{abi}-{py}-{py}-{platform_tag}.whl"
-    return FlashAttnWheel(name, f"https://github.com/Dao-AILab/flash-attention/releases/download/v{FLASH_ATTN_VERSION}/{name}")
+    release = f"https://github.com/Dao-AILab/flash-attention/releases/download/v{FLASH_ATTN_VERSION}"
+    return FlashAttnWheel(name, f"{release}/{name}")
 
 
 def flash_attn_advice(torch_version: str, cuda_version: str | None, python_version: tuple[int, int] | str,
@@ -70,8 +71,7 @@ def flash_attn_advice(torch_version: str, cuda_version: str | None, python_versi
             f"--no-build-isolation，需要 nvcc，要编译很久。）")
 
 
-@dataclass
-class GPUInfo:
+class GPUInfo(NamedTuple):
     index: int
     name: str
     memory_gib: float
@@ -79,9 +79,8 @@ class GPUInfo:
     bf16: bool
 
 
-@dataclass
-class DiskInfo:
-    path: str           # the first of the asked-for folders on this file system
+class DiskInfo(NamedTuple):
+    path: str  # the first of the asked-for folders on this file system
     free_gib: float
     total_gib: float
 

@@ -1,7 +1,8 @@
 """SA1B-Dense-Caption data: reader, fault-tolerant fetch, fetch-once image cache, datasets and samplers."""
 from .cache import CacheError, cached_row_ids, estimate_download, load_failures, prepare_cache, shard_paths
 from .cli import export_examples, main
-from .dataset import CachedImageDataset, DirectDataset, LengthGroupedSampler, SkippedSample, collate_images, make_collate
+from .dataset import (CachedImageDataset, DirectDataset, LengthGroupedSampler, SkippedSample, collate_images,
+                      make_collate)
 from .fetch import FetchError, decode_image, fetch_image, reason_label
 from .reader import DataFormatError, parse_cap_seg, read_sa1b
 

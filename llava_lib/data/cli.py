@@ -1,5 +1,5 @@
-"""``python -m llava_lib.data`` (also ``llava-data``): build the image cache, or regenerate the course's ``data_example/``
-folder (the first N good samples as ``NNNN.jpg`` + ``NNNN.txt``). Help in Chinese."""
+"""``python -m llava_lib.data`` (also ``llava-data``): build the image cache, or regenerate the course's
+``data_example/`` folder (the first N good samples as ``NNNN.jpg`` + ``NNNN.txt``). Help in Chinese."""
 from __future__ import annotations
 
 import argparse

@@ -95,8 +95,9 @@ def _get(url: str, timeout: float, max_bytes: int, retries: int, backoff: float)
                 raise FetchError("http_403", f"HTTP 403：{url} 拒绝访问，多半是链接已过期（SA-1B 的图片地址是带签名的临时链接）。"
                                              f"运行 {REFRESH_LINKS_CMD} 得到新链接，再运行同一个 prepare 命令。", url, True)
             if code != 200:
-                raise FetchError(f"http_{code}", f"HTTP {code}{tried if code in RETRY_STATUS and retries else ''}：{url}",
-                                 url, transient=code >= 500 or code in TRANSIENT_STATUS)
+                retried = tried if code in RETRY_STATUS and retries else ""
+                raise FetchError(f"http_{code}", f"HTTP {code}{retried}：{url}", url,
+                                 transient=code >= 500 or code in TRANSIENT_STATUS)
             declared = r.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > max_bytes:
                 raise FetchError("too_large", f"{url} 声明大小 {declared} 字节，超过上限 {max_bytes}", url)

@@ -27,7 +27,8 @@ MS_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.pt", "clip_cn_vit-b-16.pt
 _TEXT_ACT = {"gelu": "gelu", "gelu_new": "gelu_new", "relu": "relu", "swish": "silu"}  # its BERT's gelu is erf's too
 # transformers' vision names -> ModelScope's, replaced in this order (nn.MultiheadAttention's packed q, k, v and the
 # transposed projections are handled in _source).
-_VISION_NAMES = (("embeddings.patch_embedding.weight", "conv1.weight"), ("embeddings.class_embedding", "class_embedding"),
+_VISION_NAMES = (("embeddings.patch_embedding.weight", "conv1.weight"),
+                 ("embeddings.class_embedding", "class_embedding"),
                  ("embeddings.position_embedding.weight", "positional_embedding"), ("pre_layrnorm.", "ln_pre."),
                  ("post_layernorm.", "ln_post."), ("encoder.layers.", "transformer.resblocks."),
                  ("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
@@ -62,7 +63,8 @@ def modelscope_to_hf_config(ms_config: Mapping) -> ChineseCLIPConfig:
     width = int(c["vision_width"])
     vision = ChineseCLIPVisionConfig(
         hidden_size=width, intermediate_size=4 * width, projection_dim=int(c["embed_dim"]),
-        num_hidden_layers=int(c["vision_layers"]), num_attention_heads=width // int(c.get("vision_head_width", 64)),  # ModelScope's rule
+        num_hidden_layers=int(c["vision_layers"]),
+        num_attention_heads=width // int(c.get("vision_head_width", 64)),  # ModelScope's rule, 64-wide by default
         image_size=int(c["image_resolution"]), patch_size=int(c["vision_patch_size"]),
         hidden_act="quick_gelu", layer_norm_eps=1e-5)  # ModelScope's QuickGELU, and torch's LayerNorm default
     text = ChineseCLIPTextConfig(
@@ -75,7 +77,8 @@ def modelscope_to_hf_config(ms_config: Mapping) -> ChineseCLIPConfig:
         type_vocab_size=int(c.get("text_type_vocab_size", 2)),
         initializer_range=float(c.get("text_initializer_range", 0.02)),
         layer_norm_eps=1e-12, pad_token_id=0)  # both hard-coded in ModelScope's CLIP ([PAD] is id 0 in its vocab)
-    return ChineseCLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=int(c["embed_dim"]))
+    return ChineseCLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                             projection_dim=int(c["embed_dim"]))
 
 
 def normalize_modelscope_keys(ms_sd: Mapping) -> dict[str, torch.Tensor]:
@@ -171,8 +174,8 @@ def is_modelscope_layout(path: str | Path) -> bool:
 def is_converted_dir(path: str | Path) -> bool:
     """A transformers-layout Chinese-CLIP directory with weights and a processor: what conversion writes."""
     path = Path(path)
-    return (is_transformers_layout(path) and any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
-            and any((path / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")))
+    return is_transformers_layout(path) and all(any((path / f).is_file() for f in pair) for pair in (
+        ("model.safetensors", "model.safetensors.index.json"), ("processor_config.json", "preprocessor_config.json")))
 
 
 def converted_dir_for(src: str | Path) -> Path:
@@ -240,8 +243,8 @@ def convert_modelscope_dir(src: str | Path, dst: str | Path, overwrite: bool = F
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         shutil.copyfile(src / MS_VOCAB, tmp / MS_VOCAB)  # older tokenizer loaders look for vocab.txt
-        (tmp / "conversion.json").write_text(json.dumps({"source": str(src), "source_model_id": llava_config.CLIP_MODEL_ID},
-                                                        ensure_ascii=False, indent=2), encoding="utf-8")
+        provenance = {"source": str(src), "source_model_id": llava_config.CLIP_MODEL_ID}
+        (tmp / "conversion.json").write_text(json.dumps(provenance, ensure_ascii=False, indent=2), encoding="utf-8")
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
