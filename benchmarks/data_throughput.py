@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # fakes: the loopback image server
 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from llava_lib.data import CachedImageDataset, DirectDataset, collate_images, prepare_cache  # noqa: E402
-from llava_lib.data.testing import ImageServer, scene_captions, scene_jpegs, write_sa1b  # noqa: E402
+from fakes import ImageServer, scene_captions, scene_jpegs, write_sa1b  # noqa: E402
 
 
 def measure(dataset, workers: int, batch_size: int, seed: int = 0) -> dict:

@@ -1,23 +1,27 @@
 """``python -m llava_lib.rehearse [--dir DIR]``: the full profile end to end at real sizes, offline, random weights.
 
-It writes what the downloads would bring -- Chinese-CLIP ViT-B/16 in ModelScope's own layout (by ModelScope's own
-model classes), Qwen3-0.6B (its published config.json and sampling defaults, the real tokenizer rebuilt offline),
-SA1B-Dense-Caption shards whose signed image links a loopback server answers (some with 403 or 404) -- then runs the
-student's commands on them with ``LLAVA_PROFILE=full``: prepare, train, resume, chat. Random weights say nothing about
-quality; what fails here is a layout, a shape, a path or a message that the real run would trip over.
+It writes what the downloads would bring (Chinese-CLIP in ModelScope's layout, Qwen3-0.6B with its published config
+and tokenizer, SA1B-Dense-Caption shards whose signed links a loopback server answers, some with 403 or 404), then runs
+the student's commands on them: prepare, train, resume, chat. What fails here is a layout, a shape, a path or a
+message the real run would trip over; random weights say nothing about quality.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import random
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 # iic/multi-modal_clip-vit-base-patch16_zh: vision_model_config.json and text_model_config.json (RoBERTa-wwm-base).
@@ -102,21 +106,64 @@ def write_qwen(dst: Path, seed: int = 0) -> None:
     build_qwen_tokenizer(dst)
 
 
+def photo_jpeg(width: int, height: int, seed: int) -> bytes:
+    """A photo-sized JPEG (SA-1B's are 1500 px on the short side); the noise makes it compress like a photo."""
+    from PIL import Image
+    img = Image.linear_gradient("L").rotate(90 * seed).resize((width, height)).convert("RGB")
+    buf = io.BytesIO()
+    Image.blend(img, Image.effect_noise((width, height), 40).convert("RGB"), 0.15).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def dense_caption(seed: int) -> str:
+    """A global caption of a few hundred characters, as long as SA1B-Dense-Caption's."""
+    parts = ("在画面的左下角，一位穿着红色外套的女士正在低头看手机。|靠近画面中央，一辆白色的小轿车停在路边。|"
+             "远处的山坡上，几栋高低错落的居民楼排成一列。|街道的一侧，一只黄狗趴在台阶上晒太阳。|河岸边，一排梧桐树的叶子已经开始泛黄。|"
+             "阳光从右上方照下来，在地面上投下清晰的影子。|天空中飘着几朵白云，整体色调偏暖。|背景略微模糊，隐约可以看到来往的行人和车辆。").split("|")
+    return "这张照片展示了一个日常的城市场景。" + "".join(random.Random(seed).choices(parts, k=12))
+
+
+class _Host(SimpleHTTPRequestHandler):
+    """Serves the image folder; a path in ``server.expired`` answers 403, as a signed link past its expiry does."""
+
+    def do_GET(self):
+        return self.send_error(403) if self.path.split("?", 1)[0] in self.server.expired else super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def image_host(folder: Path):
+    """A loopback HTTP server for ``folder`` on a free port, stopped on exit."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Host, directory=str(folder)))
+    server.folder, server.expired = folder, set()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def write_data(root: Path, server) -> None:
-    """Two shards under ``root/data/`` (the last one is held out for eval), their signed links served by ``server``."""
-    from .data.testing import Fault, dense_caption, photo_jpeg, write_sa1b
+    """Two shards under ``root/data/`` (the last one is held out for eval), their signed links served by ``server``:
+    an expired link answers 403, a path the server does not know 404."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     images = [photo_jpeg(1500, 2250, 0), photo_jpeg(2250, 1500, 1), photo_jpeg(1500, 2250, 2)]
-    (root / "data").mkdir(parents=True, exist_ok=True)
     for k, (name, n) in enumerate((("train", TRAIN_ROWS), ("eval", EVAL_ROWS))):
-        urls = []
+        (server.folder / name).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            path, status = f"/sa1b/{name}/sa_{i:06d}.jpg", FAULTS.get((name, i))
-            if status == 403:  # a signed link past its expiry; a 404 is a path the server does not know
-                server.faults[path] = Fault("status", status=403)
-            elif status is None:
-                server.files[path] = images[i % len(images)]
-            urls.append(server.url(path) + f"?Expires=1735689600&OSSAccessKeyId=LTAI5t&Signature=s{i:04d}")
-        write_sa1b(root / "data" / f"train-{k:04d}-of-0002.parquet", urls, [dense_caption(100 * k + i) for i in range(n)])
+            if FAULTS.get((name, i)) == 403:
+                server.expired.add(f"/{name}/sa_{i:06d}.jpg")
+            elif (name, i) not in FAULTS:
+                (server.folder / name / f"sa_{i:06d}.jpg").write_bytes(images[i % len(images)])
+        urls = [f"http://127.0.0.1:{server.server_port}/{name}/sa_{i:06d}.jpg?Expires=1735689600&OSSAccessKeyId=LTAI5t"
+                f"&Signature=s{i:04d}" for i in range(n)]
+        caps = [json.dumps({"global_caption": dense_caption(100 * k + i)}, ensure_ascii=False) for i in range(n)]
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"url": urls, "cap_seg": caps}), root / "data" / f"train-{k:04d}-of-0002.parquet")
     (root / "sample.jpg").write_bytes(images[0])
 
 
@@ -155,7 +202,6 @@ def _history(out_dir: Path, step: int) -> list[dict]:
 
 def rehearse(root: Path) -> dict:
     """Write everything under ``root``, run the student's commands on it; returns timings, outputs and losses."""
-    from .data.testing import ImageServer
     root, timings, outputs = Path(root), [], {}
     if root.exists() and any(root.iterdir()):  # an earlier run's cache and checkpoints would change every output
         raise RehearsalError(f"目录 {root} 不为空：请换一个空目录或新目录（预演的各步输出依赖于从零开始）。")
@@ -174,8 +220,8 @@ def rehearse(root: Path) -> dict:
                PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")])),
                NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1", HF_HUB_DISABLE_PROGRESS_BARS="1")  # whole lines, not redrawn bars
-    with ImageServer() as server:
-        with _step(f"写 SA1B-Dense-Caption 分片（2 个，图片由 127.0.0.1:{server.port} 提供）", timings):
+    with image_host(root / "image_host") as server:
+        with _step(f"写 SA1B-Dense-Caption 分片（2 个，图片由 127.0.0.1:{server.server_port} 提供）", timings):
             write_data(data, server)
         failed = [status for (shard, row), status in FAULTS.items() if shard == "train" and row < LIMIT]
         with _step(f"python -m llava_lib.data prepare --profile full --limit {LIMIT}", timings):
@@ -205,8 +251,8 @@ def rehearse(root: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    from .data.cli import _Parser  # the Chinese argparse of the data tool
-    p = _Parser(prog="python -m llava_lib.rehearse",
+    from .data.cli import Parser
+    p = Parser(prog="python -m llava_lib.rehearse",
                 description="完整配置（full）的离线预演：按真实尺寸写出随机权重的 Chinese-CLIP（ModelScope 格式）、Qwen3-0.6B "
                             "和 SA1B 数据分片（图片由本机回环地址提供），再用学生的命令依次运行数据准备、训练、续训和对话。\n"
                             "只检查各环节能否接上，不代表模型效果。")

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from fakes import EXPECTED_REASONS, ImageServer, scene_captions, scene_jpegs, standard_faults, write_sa1b
+
 from llava_lib.data import (CacheError, CachedImageDataset, cached_row_ids, load_failures, main, prepare_cache,
                             read_sa1b, shard_paths)
 from llava_lib.data.cache import _lock
-from llava_lib.data.testing import (EXPECTED_REASONS, ImageServer, scene_captions, scene_jpegs, standard_faults,
-                                    write_sa1b)
 
 pytestmark = pytest.mark.timeout(90)
 REPO = Path(__file__).resolve().parents[1]
@@ -146,12 +146,8 @@ def test_cache_refuses_other_source_and_second_writer(tmp_path):
         write_sa1b(other, [server.url("/img/0000.jpg")], ["x"])
         with pytest.raises(CacheError, match="不同的设置"):
             prepare_cache(other, out, **FAST)
-        held = _lock(out)
-        try:
-            with pytest.raises(CacheError, match="另一个进程"):
-                prepare_cache(src, out, **FAST)
-        finally:
-            held.release()
+        with _lock(out), pytest.raises(CacheError, match="另一个进程"):
+            prepare_cache(src, out, **FAST)
     finally:
         server.close()
 
@@ -314,7 +310,7 @@ def test_estimate_counts_rows_and_times_a_sample(tmp_path):
 def test_estimate_reports_expired_links(tmp_path):
     from llava_lib.data import estimate_download
     from llava_lib.data.fetch import REFRESH_LINKS_CMD
-    from llava_lib.data.testing import Fault
+    from fakes import Fault
 
     jpegs = scene_jpegs(1, 2)
     with ImageServer({"/ok.jpg": jpegs[0]}, {"/old.jpg": Fault("status", status=403)}) as srv:

@@ -5,9 +5,10 @@ import time
 import pytest
 from PIL import Image
 
+from fakes import EXPECTED_REASONS, Fault, ImageServer, scene_jpegs, standard_faults
+
 from llava_lib.data import FetchError, fetch_image
 from llava_lib.data.fetch import decode_image
-from llava_lib.data.testing import EXPECTED_REASONS, Fault, ImageServer, scene_jpegs, standard_faults
 
 pytestmark = pytest.mark.timeout(60)
 MAX_BYTES = 200_000

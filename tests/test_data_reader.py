@@ -6,9 +6,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from llava_lib.data import DataFormatError, parse_cap_seg, read_sa1b
-from llava_lib.data.reader import read_rows
 
 pytestmark = pytest.mark.timeout(30)
+
+
+def read_rows(src, start=0, limit=None):
+    rows = read_sa1b(src, start, limit)
+    return list(rows), rows.stats
 
 
 def _write(path, urls, cap_seg, **extra):

@@ -1,18 +1,7 @@
-"""Stage 2 data: image + multi-turn conversation, in CogVLM-SFT-311K's layout.
-
-::
-
-    <root>/llava_instruction_single_conversation_formate/images/00000001.jpg
-                                                        /labels_zh/00000001.json
-    <root>/llava_instruction_multi_conversations_formate/...
-
-Each JSON holds ``{"conversations": [{"role": "user" | "assistant", "content": "..."}, ...]}``. The image goes
-into the first user turn (as :data:`llava_lib.process.IMAGE_MARKER`); every assistant turn carries loss.
-
-Bad input is skipped and counted, never guessed around, as in Stage 1: a label without its image, malformed JSON,
-an empty conversation, one that does not start with the user or has an unknown role or empty text is dropped
-while the folder is read (:class:`SftStats` names each file); an image that fails to decode when the sample is
-read becomes a :class:`SkippedSample` that the collate drops and reports.
+"""Stage 2 data in CogVLM-SFT-311K's layout: ``<root>/<subset>/images/00000001.jpg`` + ``labels_zh/00000001.json``
+holding ``{"conversations": [{"role": "user" | "assistant", "content": "..."}, ...]}``. The image goes into the first
+user turn; every assistant turn carries loss. Bad input is skipped and named, never guessed around: bad label files
+while the folder is read (:class:`SftStats`), an undecodable image as a :class:`SkippedSample`.
 """
 from __future__ import annotations
 
@@ -33,12 +22,10 @@ log = logging.getLogger(__name__)
 
 SFT_SUBSETS = ("llava_instruction_single_conversation_formate", "llava_instruction_multi_conversations_formate")
 LABELS_DIR = "labels_zh"
-# Optional, beside the subsets, one conversation per line in the same JSON format. Text-only conversations mixed
-# into training keep the LLM's plain chat (LLaVA-1.5 mixes in 40k ShareGPT chats for the same reason); the eval
-# file measures it: Stage 2 reports its loss before and after.
+# Optional, beside the subsets, one conversation per line: text-only chats mixed into training keep the LLM's plain
+# chat (as LLaVA-1.5 mixes in ShareGPT); Stage 2 reports the eval file's loss before and after.
 TEXT_TRAIN_FILE = "text_only_train.jsonl"
 TEXT_EVAL_FILE = "text_only_eval.jsonl"
-ROLES = ("user", "assistant")
 
 
 @dataclass
@@ -48,16 +35,12 @@ class SftStats:
     kept: int = 0
     bad: list = field(default_factory=list)
 
-    @property
-    def counts(self) -> Counter:
-        return Counter(reason for _, reason in self.bad)
-
     def summary(self) -> str:
         if not self.bad:
             return f"读取 {self.kept} 段对话，没有坏样本。"
+        counts = "，".join(f"{r} {n} 个" for r, n in Counter(r for _, r in self.bad).items())
         first = "\n".join(f"    {f}: {r}" for f, r in self.bad[:5])
-        return (f"读取 {self.kept} 段对话，跳过 {len(self.bad)} 个坏样本（"
-                + "，".join(f"{r} {n} 个" for r, n in self.counts.items()) + f"），例如：\n{first}")
+        return f"读取 {self.kept} 段对话，跳过 {len(self.bad)} 个坏样本（{counts}），例如：\n{first}"
 
 
 def parse_conversation(data) -> list[dict]:
@@ -66,7 +49,7 @@ def parse_conversation(data) -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise ValueError("对话为空（没有 conversations）")
     for t in turns:
-        if not isinstance(t, dict) or t.get("role") not in ROLES:
+        if not isinstance(t, dict) or t.get("role") not in ("user", "assistant"):
             raise ValueError(f"未知的角色：{t.get('role') if isinstance(t, dict) else t!r}")
         if not isinstance(t.get("content"), str) or not t["content"].strip():
             raise ValueError("某一轮的内容为空")
@@ -79,62 +62,45 @@ def parse_conversation(data) -> list[dict]:
     return [{"role": t["role"], "content": t["content"]} for t in turns]
 
 
-def with_image(messages: list[dict]) -> list[dict]:
-    """The conversation with the image marker at the start of the first user turn."""
-    first = {**messages[0], "content": f"{process.IMAGE_MARKER}\n{messages[0]['content']}"}
-    return [first] + messages[1:]
-
-
 def read_text_eval(path: Path) -> list[list[dict]]:
     """Text-only conversations (one JSON per line, same format); missing file -> []."""
     path = Path(path)
-    if not path.is_file():
-        return []
-    return [parse_conversation(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return [parse_conversation(json.loads(line)) for line in lines if line]
 
 
 class ConversationDataset(Dataset):
     """CogVLM-SFT-311K (or the mini world's corpus in its layout) as ``{"pixel_values", "messages", "row_id"}``.
+    Samples ``0 .. n_with_image - 1`` have an image; the text-only ones of ``text_only_train.jsonl`` follow, with
+    ``pixel_values`` None."""
 
-    Samples ``0 .. n_with_image - 1`` have an image; the text-only ones of ``text_only_train.jsonl`` (if any)
-    follow, with ``pixel_values`` None.
-    """
-
-    def __init__(self, root, transform: Transform | None = process.clip_transform, subsets=SFT_SUBSETS,
-                 limit: int | None = None, how_to_get: str = ""):
-        self.root = Path(root).expanduser()
-        self.transform = transform
-        found = [s for s in subsets if (self.root / s / LABELS_DIR).is_dir()]
+    def __init__(self, root, transform: Transform | None = process.clip_transform, how_to_get: str = ""):
+        self.root, self.transform = Path(root).expanduser(), transform
+        found = [s for s in SFT_SUBSETS if (self.root / s / LABELS_DIR).is_dir()]
         if not found:
             raise FileNotFoundError(
-                f"在 {self.root} 中找不到 Stage 2 对话数据（应有 {' 或 '.join(subsets)} 子目录，各含 images/ 与 "
+                f"在 {self.root} 中找不到 Stage 2 对话数据（应有 {' 或 '.join(SFT_SUBSETS)} 子目录，各含 images/ 与 "
                 f"{LABELS_DIR}/）。" + (f"\n  解决办法：运行 `{how_to_get}`。" if how_to_get else ""))
-        self.stats = SftStats()
-        self.images: list[Path] = []
-        self.conversations: list[list[dict]] = []
-        for subset in found:
-            for label in sorted((self.root / subset / LABELS_DIR).glob("*.json")):
-                if limit is not None and len(self.images) >= limit:
-                    break
-                image = self.root / subset / "images" / f"{label.stem}.jpg"
-                try:
-                    if not image.is_file():
-                        raise ValueError(f"缺少图片 {image.name}")
-                    messages = parse_conversation(json.loads(label.read_text(encoding="utf-8")))
-                except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-                    reason = "JSON 格式错误" if isinstance(e, json.JSONDecodeError) else str(e)
-                    self.stats.bad.append((str(label), reason))
-                    continue
-                self.images.append(image)
-                self.conversations.append(with_image(messages))
+        self.stats, self.images, self.conversations = SftStats(), [], []
+        for label in (p for s in found for p in sorted((self.root / s / LABELS_DIR).glob("*.json"))):
+            image = label.parent.parent / "images" / f"{label.stem}.jpg"
+            try:
+                if not image.is_file():
+                    raise ValueError(f"缺少图片 {image.name}")
+                messages = parse_conversation(json.loads(label.read_text(encoding="utf-8")))
+            except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+                self.stats.bad.append((str(label), "JSON 格式错误" if isinstance(e, json.JSONDecodeError) else str(e)))
+                continue
+            self.images.append(image)
+            first = {**messages[0], "content": f"{process.IMAGE_MARKER}\n{messages[0]['content']}"}
+            self.conversations.append([first] + messages[1:])
         self.n_with_image = len(self.images)
         self.conversations += read_text_eval(self.root / TEXT_TRAIN_FILE)
         self.stats.kept = len(self.conversations)
         if self.stats.bad:
             log.warning(self.stats.summary())
         # The sampler groups by length: the characters of all turns.
-        self.lengths = np.fromiter((sum(len(m["content"]) for m in c) for c in self.conversations), np.int64,
-                                   len(self.conversations))
+        self.lengths = np.asarray([sum(len(m["content"]) for m in c) for c in self.conversations], np.int64)
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -145,14 +111,14 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, i: int):
         i = int(i)
-        if i >= self.n_with_image:
-            return {"pixel_values": None, "messages": self.conversations[i], "row_id": i, "caption": None}
-        try:
-            image = self.image(i)
-        except (OSError, UnidentifiedImageError) as e:
-            return SkippedSample(i, str(self.images[i]), "bad_image", f"图片无法解码：{self.images[i]}（{e}）")
-        return {"pixel_values": self.transform(image) if self.transform else image,
-                "messages": self.conversations[i], "row_id": i, "caption": None}
+        sample = {"pixel_values": None, "messages": self.conversations[i], "row_id": i, "caption": None}
+        if i < self.n_with_image:
+            try:
+                image = self.image(i)
+            except (OSError, UnidentifiedImageError) as e:
+                return SkippedSample(i, str(self.images[i]), "bad_image", f"图片无法解码：{self.images[i]}（{e}）")
+            sample["pixel_values"] = self.transform(image) if self.transform else image
+        return sample
 
 
 def split_indices(n: int, eval_fraction: float, min_eval: int = 1) -> tuple[list[int], list[int]]:

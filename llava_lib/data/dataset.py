@@ -1,28 +1,29 @@
-"""Datasets that yield ``{"pixel_values", "caption", "url", "row_id"}``, and the collates that batch them.
+"""Datasets that yield ``{"pixel_values", "caption", "url", "row_id"}``, the collates that batch them, and a
+length-grouped, resumable, DDP-aware batch sampler.
 
-:class:`CachedImageDataset` reads the local cache (the fast path for training); :class:`DirectDataset` fetches
-each sample from its URL (the textbook way, fine for a quick look). A sample that cannot be fetched is
-returned as :class:`SkippedSample`; the collates drop it and report it under ``batch["skipped"]``, so a bad
-URL is counted, never silently replaced by another sample.
+:class:`CachedImageDataset` reads the local cache (training's fast path); :class:`DirectDataset` fetches each
+sample from its URL (the textbook way). A sample that cannot be loaded comes back as :class:`SkippedSample`; the
+collates drop it and list it under ``batch["skipped"]``, so a bad URL is counted, never replaced by another sample.
 """
 from __future__ import annotations
 
 import io
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from .. import process
 from .cache import CacheError, shard_paths
-from .fetch import DEFAULT_MAX_BYTES, DEFAULT_RETRIES, FetchError, fetch_image
+from .fetch import FetchError, fetch_image
 from .reader import read_sa1b
 
 log = logging.getLogger(__name__)
@@ -40,100 +41,71 @@ class SkippedSample:
 
 
 class CachedImageDataset(Dataset):
-    """The image cache as a map-style dataset, ordered by ``row_id``.
+    """The image cache as a map-style dataset, ordered by ``row_id``. Only the small ``row_id``/``caption``
+    columns are read up front; JPEG bytes are read lazily, a row group at a time, by each DataLoader worker."""
 
-    ``__init__`` reads only the small ``row_id``/``caption`` columns to build the index; JPEG bytes are read
-    lazily, one row group at a time, through file handles that each DataLoader worker opens for itself.
-    """
-
-    def __init__(self, cache_dir, transform: Transform | None = process.clip_transform, row_groups_cached: int = 8):
+    def __init__(self, cache_dir, transform: Transform | None = process.clip_transform):
         self.cache_dir = Path(cache_dir).expanduser()
         self.files = [str(p) for p in shard_paths(self.cache_dir)]
         if not self.files:
-            raise CacheError(f"缓存目录 {self.cache_dir} 中没有缓存分片（part-*.parquet）。"
-                             f"请先运行 `python -m llava_lib.data prepare --profile full --limit 100000` 生成缓存"
+            raise CacheError(f"缓存目录 {self.cache_dir} 中没有缓存分片（part-*.parquet）。请先运行 "
+                             f"`python -m llava_lib.data prepare --profile full --limit 100000` 生成缓存"
                              f"（或者用 `--src <数据目录> --out {self.cache_dir} --limit 100000` 指定目录）；"
                              f"如果已经运行过，请查看 {self.cache_dir / 'failures.jsonl'} 中的失败原因。")
         self.transform = transform
-        self.row_groups_cached = row_groups_cached
-        ids, shard, group, offset, captions = [], [], [], [], []
+        ids, where, captions = [], [], []
         for s, path in enumerate(self.files):
-            pf = pq.ParquetFile(path)
-            t = pf.read(columns=["row_id", "caption"])
-            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+            meta = pq.ParquetFile(path).metadata
+            t = pq.read_table(path, columns=["row_id", "caption"])
             ids.append(t.column("row_id").to_numpy())
-            captions.extend(t.column("caption").to_pylist())
-            shard.append(np.full(t.num_rows, s, np.int32))
-            group.append(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
-            offset.append(np.concatenate([np.arange(n, dtype=np.int32) for n in sizes]))
-        ids = np.concatenate(ids)
-        order = np.argsort(ids, kind="stable")
-        self.row_ids = ids[order]
-        self._shard = np.concatenate(shard)[order]
-        self._group = np.concatenate(group)[order]
-        self._offset = np.concatenate(offset)[order]
+            captions += t.column("caption").to_pylist()
+            where += [(s, g, k) for g in range(meta.num_row_groups) for k in range(meta.row_group(g).num_rows)]
+        order = np.argsort(np.concatenate(ids), kind="stable")
+        self.row_ids = np.concatenate(ids)[order]
+        self._where = np.asarray(where, np.int32)[order]  # (shard, row group, offset) of each sample
         self.captions = [captions[i] for i in order]
-        self.lengths = np.fromiter((len(c) for c in self.captions), np.int64, len(self.captions))
-        self._handles: dict[int, pq.ParquetFile] = {}
-        self._groups: OrderedDict = OrderedDict()
+        self.lengths = np.fromiter(map(len, self.captions), np.int64, len(self.captions))
 
     def __len__(self) -> int:
         return len(self.row_ids)
 
-    def __getstate__(self):  # open files and read buffers stay in the process that opened them
-        state = dict(self.__dict__)
-        state["_handles"], state["_groups"] = {}, OrderedDict()
-        return state
+    def __getstate__(self):  # each worker opens its own files and read buffers
+        return {k: v for k, v in self.__dict__.items() if k != "_row_group"}
 
-    def _row_group(self, shard: int, group: int):
-        key = (shard, group)
-        hit = self._groups.get(key)
-        if hit is not None:
-            self._groups.move_to_end(key)
-            return hit
-        pf = self._handles.get(shard)
-        if pf is None:
-            pf = self._handles[shard] = pq.ParquetFile(self.files[shard], memory_map=True)
-        t = pf.read_row_group(group, columns=["jpeg", "url"])
-        hit = (t.column("jpeg"), t.column("url"))
-        self._groups[key] = hit
-        if len(self._groups) > self.row_groups_cached:
-            self._groups.popitem(last=False)
-        return hit
+    def _columns(self, i: int):
+        """JPEG bytes and url of sample ``i``, from a small per-process LRU of decoded row groups."""
+        if "_row_group" not in self.__dict__:
+            files = [pq.ParquetFile(f, memory_map=True) for f in self.files]
+            self._row_group = lru_cache(8)(lambda s, g: files[s].read_row_group(g, columns=["jpeg", "url"]))
+        s, g, k = (int(x) for x in self._where[i])
+        t = self._row_group(s, g)
+        return t.column("jpeg")[k].as_py(), t.column("url")[k].as_py()
 
     def image(self, i: int) -> Image.Image:
         """The cached 224 px image of sample ``i`` (no transform)."""
-        jpeg, _ = self._row_group(int(self._shard[i]), int(self._group[i]))
-        return Image.open(io.BytesIO(jpeg[int(self._offset[i])].as_py())).convert("RGB")
+        return Image.open(io.BytesIO(self._columns(int(i))[0])).convert("RGB")
 
     def __getitem__(self, i: int) -> dict:
-        i = int(i) + (len(self) if int(i) < 0 else 0)
+        i = range(len(self))[int(i)]  # negative i counts from the end; past the end is an IndexError
         image = self.image(i)
-        _, urls = self._row_group(int(self._shard[i]), int(self._group[i]))
-        return {"pixel_values": self.transform(image) if self.transform else image,
-                "caption": self.captions[i], "url": urls[int(self._offset[i])].as_py(), "row_id": int(self.row_ids[i])}
+        return {"pixel_values": self.transform(image) if self.transform else image, "caption": self.captions[i],
+                "url": self._columns(i)[1], "row_id": int(self.row_ids[i])}
 
 
 class DirectDataset(Dataset):
-    """Rows of an SA1B source, each image fetched when asked for (no cache). Same output as the cache.
-
-    Failed fetches come back as :class:`SkippedSample` and are counted in ``failures`` (in this process).
-    """
+    """Rows of an SA1B source, each image fetched when asked for (no cache); same output as the cache. Failed
+    fetches come back as :class:`SkippedSample` and are counted in ``failures`` (in this process)."""
 
     def __init__(self, src, transform: Transform | None = process.clip_transform, *, start: int = 0,
-                 limit: int | None = None, url_rewrite: tuple[str, str] | None = None, timeout: float = 20.0,
-                 retries: int = DEFAULT_RETRIES, backoff: float = 0.5, max_bytes: int = DEFAULT_MAX_BYTES):
+                 limit: int | None = None, **fetch_opts):
         reader = read_sa1b(src, start, limit)
         self.rows = list(reader)
-        self.read_stats = reader.stats
         if reader.stats.bad_rows:
             log.warning(reader.stats.summary())
-        self.transform = transform
-        self.fetch_opts = dict(timeout=timeout, retries=retries, backoff=backoff, max_bytes=max_bytes,
-                               url_rewrite=url_rewrite)
+        self.transform, self.fetch_opts = transform, fetch_opts
         self.captions = [r.caption for r in self.rows]
         self.row_ids = np.asarray([r.row_id for r in self.rows], np.int64)
-        self.lengths = np.fromiter((len(c) for c in self.captions), np.int64, len(self.captions))
+        self.lengths = np.fromiter(map(len, self.captions), np.int64, len(self.captions))
         self.failures: Counter = Counter()
 
     def __len__(self) -> int:
@@ -143,18 +115,16 @@ class DirectDataset(Dataset):
         row = self.rows[int(i)]
         try:
             image = fetch_image(row.url, **self.fetch_opts)
-            pixels = self.transform(image) if self.transform else image
         except FetchError as e:
             self.failures[e.reason] += 1
             log.warning("跳过第 %d 行（%s）：%s", row.row_id, e.reason, e.message)
             return SkippedSample(row.row_id, row.url, e.reason, e.message)
-        return {"pixel_values": pixels, "caption": row.caption, "url": row.url, "row_id": row.row_id}
+        return {"pixel_values": self.transform(image) if self.transform else image, "caption": row.caption,
+                "url": row.url, "row_id": row.row_id}
 
 
-# ------------------------------------------------------------------------------------------ collates
 def _split(samples: Sequence) -> tuple[list[dict], list[SkippedSample]]:
-    good = [s for s in samples if not isinstance(s, SkippedSample) and s is not None]
-    return good, [s for s in samples if isinstance(s, SkippedSample)]
+    return ([s for s in samples if isinstance(s, dict)], [s for s in samples if isinstance(s, SkippedSample)])
 
 
 def collate_images(samples: Sequence) -> dict:
@@ -162,37 +132,75 @@ def collate_images(samples: Sequence) -> dict:
     good, skipped = _split(samples)
     # default_collate stacks straight into shared memory inside a DataLoader worker: one copy less per batch.
     pixels = default_collate([s["pixel_values"] for s in good]) if good else torch.empty(0, 3, 0, 0)
-    return {"pixel_values": pixels,
-            "captions": [s["caption"] for s in good], "urls": [s["url"] for s in good],
+    return {"pixel_values": pixels, "captions": [s["caption"] for s in good], "urls": [s["url"] for s in good],
             "row_ids": [s["row_id"] for s in good], "skipped": skipped}
 
 
 def make_collate(tokenizer, n_image_tokens: int = process.num_image_tokens(), max_text_tokens: int | None = 128,
                  prompt: str = process.DEFAULT_PROMPT, prompts: Sequence[str] | None = None):
-    """A DataLoader ``collate_fn``: :func:`llava_lib.process.collate` on the good samples, plus bookkeeping.
-
-    The batch has ``input_ids``, ``attention_mask``, ``labels``, ``pixel_values`` (from ``process.collate``),
-    ``row_ids``, ``captions`` and ``skipped``. If every sample of a batch was skipped, the tensors are empty
-    (``input_ids.shape == (0, 0)``) and ``pixel_values`` is None: a training loop skips such a batch.
-
-    ``prompts``: a pool of instructions for caption samples; each sample gets the one its ``row_id`` picks (the
-    same on every epoch and after a resume), instead of ``prompt``. Samples with ``messages`` keep theirs.
-    """
-    def with_prompt(s: dict) -> dict:
-        if s.get("messages") or not prompts:
-            return s
-        return {**s, "messages": process.caption_conversation(s["caption"], prompts[s["row_id"] % len(prompts)])}
-
+    """A DataLoader ``collate_fn``: :func:`llava_lib.process.collate` on the good samples, plus ``row_ids``,
+    ``captions`` and ``skipped``; with no good sample, empty tensors and ``pixel_values`` None (the loop skips it).
+    ``prompts``: instructions for caption samples, each picked by ``row_id`` (the same after a resume)."""
     def collate_fn(samples: Sequence) -> dict:
         good, skipped = _split(samples)
-        good = [with_prompt(s) for s in good]
+        good = [s if s.get("messages") or not prompts else
+                {**s, "messages": process.caption_conversation(s["caption"], prompts[s["row_id"] % len(prompts)])}
+                for s in good]
         if good:
             batch = process.collate(tokenizer, good, n_image_tokens, max_text_tokens, prompt)
         else:
             empty = torch.zeros((0, 0), dtype=torch.long)
-            batch = {"input_ids": empty, "attention_mask": empty.clone(), "labels": empty.clone(),
-                     "pixel_values": None}
+            batch = {"input_ids": empty, "attention_mask": empty, "labels": empty, "pixel_values": None}
         batch.update(row_ids=[s["row_id"] for s in good], captions=[s.get("caption") for s in good], skipped=skipped)
         return batch
 
     return collate_fn
+
+
+class LengthGroupedSampler(Sampler[list[int]]):
+    """Yields lists of dataset indices (``DataLoader(ds, batch_sampler=...)``), a pure function of ``(seed, epoch)``,
+    so a resumed run that passes ``start_batch`` (batches of this epoch already trained) continues exactly.
+
+    Per epoch: shuffle, cut into mega-batches of ``batch_size * mega_batch``, sort each by length (longest first),
+    cut into batches, shuffle the batch order. For DDP, batch ``b`` goes to rank ``b % world_size``; every rank gets
+    the same number of batches (at most ``world_size - 1`` trailing batches are dropped).
+    """
+
+    mega_batch = 50
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, group_by_length: bool = True,
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1, epoch: int = 0, start_batch: int = 0):
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"需要 batch_size ≥ 1 且 0 ≤ rank < world_size，实际是 batch_size={batch_size}, "
+                             f"rank={rank}, world_size={world_size}")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.batch_size, self.seed, self.group_by_length, self.drop_last = batch_size, seed, group_by_length, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.set_epoch(epoch, start_batch)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Call at the start of each epoch; ``start_batch`` skips batches already trained (resume)."""
+        self.epoch, self.start_batch = epoch, max(0, int(start_batch))
+
+    def batches(self) -> list[list[int]]:
+        """All of this rank's batches of the current epoch, ``start_batch`` not applied."""
+        n = len(self.lengths)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n)
+        if self.group_by_length and n:
+            size = self.batch_size * self.mega_batch  # a stable sort keeps ties in the shuffled order
+            order = np.concatenate([g[np.argsort(-self.lengths[g], kind="stable")]
+                                    for g in np.split(order, range(size, n, size))])
+        batches = [order[i:i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.group_by_length:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches[self.rank::self.world_size][:len(batches) // self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches()[self.start_batch:]
+
+    def __len__(self) -> int:
+        n = len(self.lengths) // self.batch_size if self.drop_last else -(-len(self.lengths) // self.batch_size)
+        return max(0, n // self.world_size - self.start_batch)

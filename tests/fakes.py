@@ -1,4 +1,4 @@
-"""Test and benchmark support: a loopback image server that can misbehave on purpose.
+"""Test and benchmark support: a loopback image server that can misbehave on purpose, and SA1B-format sources.
 
 :class:`ImageServer` serves bytes on ``127.0.0.1`` (a free port) and injects the faults a real image host
 shows: error statuses, flaky 5xx, stalls, truncated or non-image bodies, oversized bodies, decompression bombs.
@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
-from ..mini.scenes import make_scenes, render
+from llava_lib.mini.scenes import make_scenes, render
 
 
 def scene_jpegs(n: int, seed: int = 0, size: int | None = None, quality: int = 90) -> list[bytes]:
@@ -35,36 +35,6 @@ def scene_jpegs(n: int, seed: int = 0, size: int | None = None, quality: int = 9
 
 def scene_captions(n: int, seed: int = 0) -> list[str]:
     return [s.caption for s in make_scenes(n, seed)]
-
-
-def photo_jpeg(width: int = 1500, height: int = 2250, seed: int = 0) -> bytes:
-    """A photo-sized JPEG (SA-1B's are 1500 px on the short side): shapes, plus noise so it compresses like a photo."""
-    import random
-
-    from PIL import ImageDraw
-    rng = random.Random(seed)
-    img = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(12):
-        x, y = rng.randrange(width), rng.randrange(height)
-        box = (x, y, x + rng.randrange(100, 800), y + rng.randrange(100, 800))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=tuple(rng.randrange(256) for _ in range(3)))
-    buf = io.BytesIO()
-    Image.blend(img, Image.effect_noise((width, height), 40).convert("RGB"), 0.15).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def dense_caption(seed: int = 0) -> str:
-    """A global caption of a few hundred characters, as long as SA1B-Dense-Caption's."""
-    import random
-    rng = random.Random(seed)
-    where = "在画面的左下角|靠近画面中央|在远处的山坡上|在街道的一侧|在河岸边|在画面右上方".split("|")
-    what = ("一位穿着红色外套的女士正在低头看手机|一辆白色的小轿车停在路边|几栋高低错落的居民楼排成一列|一只黄狗趴在台阶上晒太阳|"
-            "一排梧桐树的叶子已经开始泛黄|几个背着书包的学生并肩走着|一座石拱桥横跨在平静的水面上").split("|")
-    more = ("阳光从右上方照下来，在地面上投下清晰的影子|天空中飘着几朵白云，整体色调偏暖|背景略微模糊，隐约可以看到来往的行人和车辆|"
-            "地面是灰色的水泥路面，边缘散落着一些落叶|建筑的外墙贴着浅色的瓷砖，大部分窗户都关着").split("|")
-    return "这张照片展示了一个日常的城市场景。" + "".join(
-        f"{rng.choice(where)}，{rng.choice(what)}。{rng.choice(more)}。" for _ in range(8))
 
 
 def bomb_png(width: int = 40000, height: int = 40000) -> bytes:
