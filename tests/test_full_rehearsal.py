@@ -1,4 +1,4 @@
-"""The full profile rehearsed at real sizes from random weights, offline (``python -m llava_lib.rehearse``).
+"""The full profile rehearsed at real sizes from random weights, offline (``python tests/rehearsal.py``).
 
 The slow test runs the whole rehearsal (a few minutes on 2 quiet CPU cores; ~3 GB in a temporary directory) and
 then checks what it wrote against the real downloads' layouts; the fast ones check the command around it.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_lib import rehearse as rh
+import rehearsal as rh
 
 
 @pytest.mark.slow

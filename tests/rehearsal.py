@@ -1,4 +1,4 @@
-"""``python -m llava_lib.rehearse [--dir DIR]``: the full profile end to end at real sizes, offline, random weights.
+"""``python tests/rehearsal.py [--dir DIR]``: the full profile end to end at real sizes, offline, random weights.
 
 It writes what the downloads would bring (Chinese-CLIP in ModelScope's layout, Qwen3-0.6B with its published config
 and tokenizer, SA1B-Dense-Caption shards whose signed links a loopback server answers, some with 403 or 404), then runs
@@ -95,7 +95,7 @@ def write_qwen(dst: Path, seed: int = 0) -> None:
     import torch
     from transformers import AutoConfig, Qwen3ForCausalLM
 
-    from .mini.tokenizer import build_qwen_tokenizer
+    from llava_lib.mini.tokenizer import build_qwen_tokenizer
     dst.mkdir(parents=True, exist_ok=True)
     _json(dst / "config.json", QWEN3_CONFIG)
     torch.manual_seed(seed)
@@ -251,8 +251,8 @@ def rehearse(root: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    from .data.cli import Parser
-    p = Parser(prog="python -m llava_lib.rehearse",
+    from llava_lib.data.cli import Parser
+    p = Parser(prog="python tests/rehearsal.py",
                 description="完整配置（full）的离线预演：按真实尺寸写出随机权重的 Chinese-CLIP（ModelScope 格式）、Qwen3-0.6B "
                             "和 SA1B 数据分片（图片由本机回环地址提供），再用学生的命令依次运行数据准备、训练、续训和对话。\n"
                             "只检查各环节能否接上，不代表模型效果。")
