@@ -37,16 +37,8 @@ DOWNLOAD_CMDS = {
     "sft_root": "python -m llava_lib.download sft",
 }
 
-ENV_VARS = {
-    "profile": "LLAVA_PROFILE",
-    "clip_path": "LLAVA_CLIP_PATH",
-    "llm_path": "LLAVA_LLM_PATH",
-    "data_root": "LLAVA_DATA_ROOT",
-    "eval_data_root": "LLAVA_EVAL_DATA_ROOT",
-    "cache_dir": "LLAVA_CACHE_DIR",
-    "checkpoints_dir": "LLAVA_CHECKPOINTS_DIR",
-    "sft_root": "LLAVA_SFT_ROOT",
-}
+PATH_FIELDS = ("clip_path", "llm_path", "data_root", "eval_data_root", "cache_dir", "checkpoints_dir", "sft_root")
+ENV_VARS = {name: f"LLAVA_{name.upper()}" for name in ("profile", *PATH_FIELDS)}
 
 _WHAT = {
     "clip_path": "Chinese-CLIP 模型目录",
@@ -116,9 +108,6 @@ class Paths:
         for name in names:
             check_path(self, name)
         return self
-
-
-PATH_FIELDS = tuple(ENV_VARS)[1:]
 
 
 def _default_paths(profile: str) -> dict:
