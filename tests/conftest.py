@@ -49,6 +49,17 @@ def mini_world():
     return config.mini_root(), meta
 
 
+@pytest.fixture(scope="session")
+def stage1_run(mini_world, tmp_path_factory):
+    """A short Stage 1 mini run (Stage 2 starts from it; exports and evaluations read it). Its ``metrics.json``
+    has the caption accuracy of its first 10 held-out images; 20 are held out."""
+    from llava_lib.train import TrainConfig, train
+    out = tmp_path_factory.mktemp("stage1")
+    train(TrainConfig.for_profile("mini", out_dir=str(out), max_steps=250, caption_eval_n=10, caption_show_n=0,
+                                  eval_every=0, eval_limit=20, progress=False, tensorboard=False))
+    return out
+
+
 def run_single_and_ddp(common: list[str], out, port: int) -> None:
     """``llava-train`` with ``common`` flags twice: one process with ``--grad-accum 2`` into ``out/single`` and two
     DDP processes with ``--grad-accum 1`` into ``out/ddp`` (the same global batch); each must exit 0."""

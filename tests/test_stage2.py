@@ -147,16 +147,6 @@ def _quick2(tmp_path, stage1, **kw):
     return TrainConfig.for_profile("mini", **{**base, **kw})
 
 
-@pytest.fixture(scope="module")
-def stage1_run(mini_world, tmp_path_factory):
-    """A short Stage 1 mini run to start Stage 2 from."""
-    from llava_lib.train import TrainConfig, train
-    out = tmp_path_factory.mktemp("stage1")
-    train(TrainConfig.for_profile("mini", out_dir=str(out), max_steps=250, caption_eval_n=0, caption_show_n=0,
-                                  eval_every=0, eval_limit=16, progress=False, tensorboard=False))
-    return out
-
-
 def test_stage2_step_trains_projection_and_llm_but_never_the_vision_tower(stage1_run, tmp_path):
     from llava_lib.train import setup, train_step
     run = setup(_quick2(tmp_path, stage1_run, max_steps=5))

@@ -1,0 +1,229 @@
+"""Evaluate a run (or its export) on its held-out split: greedy replies generated in batches, then scored.
+
+Stage 1: a caption of each of the first ``caption_eval_n`` held-out images; Stage 2: every answer of the first
+``answer_eval_n`` held-out conversations (the reference turns before it as history). Same items, prompt and token
+budget as the trainer's ``*_accuracy_after``. Scores: the profile's accuracy check (mini world), BLEU-4 and CIDEr
+over characters (pycocoevalcap's scorers, as COCO captions are scored), and for captions the reference-free
+CLIPScore ``2.5 * max(cos, 0)`` by the Chinese-CLIP model itself. The same replies are also timed one by one
+through the chat loop (``train.generate_captions`` / ``generate_answers``) for the speed-up of batching.
+
+Batched rows are left-padded; ``generate`` derives the position ids from the attention mask, so a padded row
+decodes as it would alone.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import config as cfg_mod
+from . import train
+from .model.checkpoint import META
+from .process import IMAGE_MARKER, caption_conversation, clip_transform, encode_conversation
+
+MAX_NEW_TOKENS = {1: 48, 2: 32}  # the trainer's caption / answer budgets
+DEFAULT_N = {1: 100, 2: 50}      # when the run's config measured none
+CLIPSCORE_W = 2.5                # CLIPScore's weight (Hessel et al., 2021)
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_export(path, device=None):
+    """An export back as ``(LlavaStage1, tokenizer)``, sharing its modules (its projector computes the same)."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration, Qwen3ForCausalLM
+
+    from .model.llava import LlavaStage1
+    from .model.vision import VisionTower
+    hf = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.device("meta"):  # a shell whose two parts are the export's
+        llm = Qwen3ForCausalLM(hf.config.text_config)
+    llm.model, llm.lm_head, llm.generation_config = hf.model.language_model, hf.lm_head, hf.generation_config
+    model = LlavaStage1(VisionTower(hf.model.vision_tower, hf.config.vision_feature_layer), llm)
+    model.projector = hf.model.multi_modal_projector
+    return model.to(device or "cpu"), AutoTokenizer.from_pretrained(str(path))
+
+
+def run_config(checkpoint, profile: str | None = None) -> cfg_mod.TrainConfig:
+    """The ``TrainConfig`` of the run a checkpoint (or an export) comes from, as its ``config.json`` has it; the
+    profile's defaults when there is none."""
+    from .export import RUN_INFO, find_checkpoint, run_files
+    path = Path(checkpoint).expanduser()
+    if (path / RUN_INFO).is_file():
+        info = json.loads((path / RUN_INFO).read_text(encoding="utf-8"))
+        saved, stage = info["train_config"], info["stage"]
+    else:
+        ckpt = find_checkpoint(path)
+        saved, stage = run_files(ckpt)[0], json.loads((ckpt / META).read_text(encoding="utf-8")).get("stage", 1)
+    names = {f.name for f in dataclasses.fields(cfg_mod.TrainConfig)}
+    if saved:
+        return cfg_mod.TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    return cfg_mod.TrainConfig.for_profile(profile, stage=stage)
+
+
+def load(checkpoint, profile: str | None = None, device=None):
+    """``(model, tokenizer, TrainConfig of the run)`` for a run folder, a checkpoint or an export."""
+    from .export import RUN_INFO, find_checkpoint
+    from .model.loading import load_trained
+    cfg, path = run_config(checkpoint, profile), Path(checkpoint).expanduser()
+    if (path / RUN_INFO).is_file():
+        return (*load_export(path, device), cfg)
+    model, tok, _ = load_trained(find_checkpoint(path), cfg.paths, device)
+    return model, tok, cfg
+
+
+# ---------------------------------------------------------------------------------------- generation
+def answer_prompts(conversation: list[dict]) -> list[tuple[list[dict], str]]:
+    """``(messages, reference)`` per assistant turn, as ``chat.answer_turns`` asks them: the turns before it as
+    history, the image marker at the start of the first user turn, no system turn."""
+    turns = [{**m, "content": m["content"].replace(f"{IMAGE_MARKER}\n", "").replace(IMAGE_MARKER, "")}
+             for m in conversation if m["role"] != "system"]
+    out = []
+    for k, m in enumerate(turns):
+        if m["role"] == "assistant" and k > 0 and turns[k - 1]["role"] == "user":
+            msgs = [{**turns[0], "content": f"{IMAGE_MARKER}\n{turns[0]['content']}"}] + turns[1:k]
+            out.append((msgs, m["content"]))
+    return out
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, images, conversations, max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy replies to ``conversations`` (each ending with a user turn, its image in ``images``), in batches."""
+    from .chat import chat_generation_config
+    config = chat_generation_config(model.llm, False, do_sample=False, max_new_tokens=max_new_tokens)
+    was_training, out = model.training, []
+    model.eval()
+    for s in range(0, len(images), batch_size):
+        rows = [encode_conversation(tokenizer, c, model.num_image_tokens, add_generation_prompt=True)[0]
+                for c in conversations[s:s + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, r in enumerate(rows):
+            ids[b, width - len(r):], mask[b, width - len(r):] = torch.tensor(r), 1
+        pixels = torch.stack([clip_transform(im) for im in images[s:s + batch_size]])
+        embeds = model.embed(ids.to(model.device), pixels)
+        new = model.llm.generate(inputs_embeds=embeds, attention_mask=mask.to(model.device), generation_config=config)
+        out += tokenizer.batch_decode(new, skip_special_tokens=True)
+    model.train(was_training)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- scores
+def char_scores(pairs) -> dict:
+    """Corpus BLEU-4 and CIDEr-D of ``(generated, reference)`` pairs over characters (pycocoevalcap)."""
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+    except ImportError:
+        print("[evaluate] 没有安装 pycocoevalcap（pip install pycocoevalcap），跳过 BLEU-4 / CIDEr。", file=sys.stderr)
+        return {}
+    chars = lambda text: " ".join(ch for ch in text if not ch.isspace())
+    res = {i: [chars(g)] for i, (g, _) in enumerate(pairs)}
+    gts = {i: [chars(r)] for i, (_, r) in enumerate(pairs)}
+    with contextlib.redirect_stdout(io.StringIO()):  # the BLEU scorer prints its counts
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        cider, _ = Cider().compute_score(gts, res)
+    return {"bleu4": float(bleu[3]), "cider": float(cider)}
+
+
+def clip_scores(clip_path, images, pairs, device=None) -> dict:
+    """Mean CLIPScore of each image with its generated caption, and with its reference (for scale)."""
+    from .retrieval import ClipMatcher
+    matcher = ClipMatcher.from_pretrained(clip_path, device=device)
+    img = matcher.encode_images(images)
+    score = lambda texts: float((CLIPSCORE_W * (img * matcher.encode_texts(texts)).sum(-1).clamp(min=0)).mean())
+    return {"clipscore": score([g for g, _ in pairs]), "clipscore_reference": score([r for _, r in pairs])}
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def evaluate(model, tokenizer, cfg: cfg_mod.TrainConfig, n: int | None = None, batch_size: int = 32,
+             sequential_n: int = 20, clipscore: bool = True) -> dict:
+    """Generate and score the run's held-out items; the first ``sequential_n`` items again one by one."""
+    stage, paths = cfg.stage, cfg.paths
+    if stage == 1:
+        _, _, ds, idx = train._datasets(paths, cfg)
+        idx = idx[:n or cfg.caption_eval_n or DEFAULT_N[1]]
+        images, refs = [ds.image(i) for i in idx], [ds.captions[i] for i in idx]
+        convs = [caption_conversation(None)] * len(idx)
+        one_by_one, metric = train.generate_captions, cfg.caption_metric
+    else:
+        ds, _, _, idx, _ = train._sft_datasets(paths, cfg)
+        idx = idx[:n or cfg.answer_eval_n or DEFAULT_N[2]]
+        items = [(ds.image(i), m, r) for i in idx for m, r in answer_prompts(ds.conversations[i])]
+        images, convs, refs = map(list, zip(*items))
+        one_by_one, metric = train.generate_answers, cfg.answer_metric
+    generate_batch(model, tokenizer, images[:1], convs[:1], 2)  # one-time costs out of the timing
+    t0 = time.perf_counter()
+    generated = generate_batch(model, tokenizer, images, convs, MAX_NEW_TOKENS[stage], batch_size)
+    speed = {"batched_per_s": len(generated) / (time.perf_counter() - t0), "batch_size": batch_size}
+    pairs = list(zip(generated, refs))
+    if sequential_n:
+        sub = idx[:sequential_n]
+        t0 = time.perf_counter()
+        seq = one_by_one(model, tokenizer, ds, sub, MAX_NEW_TOKENS[stage])
+        speed.update(one_by_one_per_s=len(seq) / (time.perf_counter() - t0), one_by_one_n=len(seq),
+                     same_as_one_by_one=sum(a == g for (a, _), g in zip(seq, generated)))
+        speed["speedup"] = speed["batched_per_s"] / speed["one_by_one_per_s"]
+    name = "caption" if stage == 1 else "answer"
+    metrics = {f"{name}_accuracy": train.caption_accuracy(pairs, train.load_hook(metric))} if metric else {}
+    metrics |= char_scores(pairs)
+    if clipscore and stage == 1 and Path(paths.clip_path).exists():
+        metrics |= clip_scores(paths.clip_path, images, pairs, model.device)
+    return {"stage": stage, "profile": cfg.profile, "n": len(pairs), "n_sources": len(idx),
+            "max_new_tokens": MAX_NEW_TOKENS[stage],
+            "metrics": metrics, "speed": speed, "replies": [{"generated": g, "reference": r} for g, r in pairs]}
+
+
+_NAMES = {"caption_accuracy": "描述准确率", "answer_accuracy": "回答准确率", "bleu4": "BLEU-4（按字）",
+          "cider": "CIDEr（按字）", "clipscore": "CLIPScore（生成的描述）", "clipscore_reference": "CLIPScore（参考描述，对照）"}
+
+
+def format_table(result: dict, n_examples: int = 3) -> str:
+    """The metrics, the speed and a few replies next to their references, as short Chinese text."""
+    what = (f"{result['n']} 张验证图片的描述" if result["stage"] == 1 else
+            f"{result['n_sources']} 段验证对话里的 {result['n']} 个回答")
+    lines = [f"Stage {result['stage']}（{result['profile']}）：{what}，贪心解码，最多 "
+             f"{result['max_new_tokens']} 个新词元", "| 指标 | 数值 |", "|---|---|"]
+    lines += [f"| {_NAMES.get(k, k)} | {v:.4f} |" for k, v in result["metrics"].items()]
+    sp = result["speed"]
+    lines.append(f"\n批量生成（每批 {sp['batch_size']}）：{sp['batched_per_s']:.1f} 条/秒")
+    if "speedup" in sp:
+        lines.append(f"逐条对话（chat 路径，{sp['one_by_one_n']} 条）：{sp['one_by_one_per_s']:.1f} 条/秒；批量快 "
+                     f"{sp['speedup']:.1f} 倍，结果一致 {sp['same_as_one_by_one']}/{sp['one_by_one_n']}")
+    lines += ["\n生成 | 参考"] + [f"{e['generated']} | {e['reference']}" for e in result["replies"][:n_examples]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llava_lib.evaluate", description="在留出的验证集上评估训练好的运行"
+                                "（或 llava_lib.export 的导出目录）：批量贪心生成，计算指标，写出 JSON 和简表。")
+    p.add_argument("--checkpoint", required=True, help="训练输出目录、final/、checkpoints/step-N/ 或导出目录")
+    p.add_argument("--n", type=int, help="评估多少张图片（Stage 2：多少段对话）；默认与训练时的准确率评估相同")
+    p.add_argument("--batch-size", type=int, default=32, help="批量生成的批大小（默认 32）")
+    p.add_argument("--sequential-n", type=int, default=20, help="再逐条生成前几条，比较速度（0：不比较；默认 20）")
+    p.add_argument("--no-clipscore", action="store_true", help="不计算 CLIPScore")
+    p.add_argument("--profile", choices=cfg_mod.PROFILES, help="没有训练配置（config.json）时用哪个配置档")
+    p.add_argument("--device", help="cpu / cuda（默认自动选择）")
+    p.add_argument("--out", help="结果 JSON 的路径（默认：检查点目录下的 evaluation.json）")
+    args = p.parse_args(argv)
+    try:
+        model, tok, cfg = load(args.checkpoint, args.profile, args.device)
+        result = evaluate(model, tok, cfg, args.n, args.batch_size, args.sequential_n, not args.no_clipscore)
+    except (FileNotFoundError, cfg_mod.ConfigError, ValueError) as e:
+        print(f"错误：{e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "evaluation.json"
+    out.write_text(json.dumps({"checkpoint": str(args.checkpoint), **result}, ensure_ascii=False, indent=2),
+                   encoding="utf-8")
+    print(format_table(result) + f"\n\n结果已写入 {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
