@@ -147,13 +147,13 @@ def evaluate(model, tokenizer, cfg: cfg_mod.TrainConfig, n: int | None = None, b
     """Generate and score the run's held-out items; the first ``sequential_n`` items again one by one."""
     stage, paths = cfg.stage, cfg.paths
     if stage == 1:
-        _, _, ds, idx = train._datasets(paths, cfg)
+        _, _, ds, idx, _ = train.stage1_data(paths, cfg)
         idx = idx[:n or cfg.caption_eval_n or DEFAULT_N[1]]
         images, refs = [ds.image(i) for i in idx], [ds.captions[i] for i in idx]
         convs = [caption_conversation(None)] * len(idx)
         one_by_one, metric = train.generate_captions, cfg.caption_metric
     else:
-        ds, _, _, idx, _ = train._sft_datasets(paths, cfg)
+        ds, _, _, idx, _ = train.stage2_data(paths, cfg)
         idx = idx[:n or cfg.answer_eval_n or DEFAULT_N[2]]
         items = [(ds.image(i), m, r) for i in idx for m, r in answer_prompts(ds.conversations[i])]
         images, convs, refs = map(list, zip(*items))

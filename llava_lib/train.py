@@ -179,6 +179,11 @@ def generate_captions(model, tokenizer, dataset, indices, max_new_tokens: int = 
                 for i in indices]
 
 
+def caption_accuracy(pairs, metric) -> float | None:
+    """Share of ``(generated, reference)`` pairs that ``metric`` accepts; None without pairs."""
+    return sum(bool(metric(g, r)) for g, r in pairs) / len(pairs) if pairs else None
+
+
 def generate_answers(model, tokenizer, dataset, indices, max_new_tokens: int = 32) -> list[tuple[str, str]]:
     """(generated, reference) for every assistant turn of the given conversations, greedy; the reference turns
     before each answer are its history."""
@@ -260,8 +265,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def _datasets(paths: cfg_mod.Paths, cfg: TrainConfig):
-    """Stage 1: (train set, its indices, eval set, its indices, text-only eval samples), as ``_sft_datasets``."""
+def stage1_data(paths: cfg_mod.Paths, cfg: TrainConfig):
+    """Stage 1: (train set, its indices, eval set, its indices, text-only eval samples), as ``stage2_data``."""
     from .data import CachedImageDataset
     train_dir, eval_dir = Path(paths.cache_dir) / "train", Path(paths.cache_dir) / "eval"
     if not train_dir.exists():
@@ -282,7 +287,7 @@ def _datasets(paths: cfg_mod.Paths, cfg: TrainConfig):
     return train, list(range(n_train)), ev, eval_idx, []  # no text-only eval set in Stage 1
 
 
-def _sft_datasets(paths: cfg_mod.Paths, cfg: TrainConfig):
+def stage2_data(paths: cfg_mod.Paths, cfg: TrainConfig):
     """Stage 2: the conversations, a fixed held-out share of them, and the text-only eval set (if any)."""
     from .data.conversations import TEXT_EVAL_FILE, ConversationDataset, read_text_eval, split_indices
     ds = ConversationDataset(paths.sft_root, how_to_get=cfg_mod.how_to_get(paths, "sft_root"))
@@ -427,7 +432,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         for p in (p for p in model.parameters() if p.requires_grad):
             torch.distributed.broadcast(p.data, 0)
 
-    train_ds, train_idx, eval_ds, eval_idx, text = (_sft_datasets if cfg.stage == 2 else _datasets)(paths, cfg)
+    train_ds, train_idx, eval_ds, eval_idx, text = (stage2_data if cfg.stage == 2 else stage1_data)(paths, cfg)
     collate = make_collate(tokenizer, model.num_image_tokens, cfg.max_text_tokens)
     pool = load_hook(cfg.instructions) if cfg.instructions and cfg.stage == 1 else None
     train_collate = make_collate(tokenizer, model.num_image_tokens, cfg.max_text_tokens, prompts=pool)
@@ -516,7 +521,7 @@ def measure_quality(run: Run, metrics: dict, when: str) -> None:
         (run.cfg.answer_eval_n, run.answer_metric, generate_answers, "answer_accuracy", "回答准确率"))
     pairs = generate(run.model, run.tokenizer, run.eval_ds, run.eval_idx[:n]) if run.is_main and metric else []
     if pairs:
-        metrics[f"{name}_{when}"] = sum(bool(metric(g, r)) for g, r in pairs) / len(pairs)
+        metrics[f"{name}_{when}"] = caption_accuracy(pairs, metric)
         print(f"[train] {'训练前' if when == 'before' else '训练后'}{label}：{metrics[f'{name}_{when}']:.2%}")
 
 

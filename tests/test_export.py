@@ -148,7 +148,7 @@ def test_stage1_export_and_evaluation_match_the_chat_path_and_the_trainer(stage1
     from llava_lib.chat import caption
     from llava_lib.export import export
     model, tok, cfg = evaluate.load(stage1_run, device="cpu")
-    _, _, ds, idx = train._datasets(cfg.paths, cfg)
+    _, _, ds, idx, _ = train.stage1_data(cfg.paths, cfg)
     images = [ds.image(i) for i in idx[:N_IMAGES]]
     ours = [caption(model, tok, im, max_new_tokens=evaluate.MAX_NEW_TOKENS[1]) for im in images]
     assert len(set(ours)) > N_IMAGES // 2  # varied replies, so equality means something
@@ -179,7 +179,7 @@ def test_stage2_export_answers_two_turns_like_the_chat_path(stage2_run, tmp_path
     from llava_lib.export import export
     from llava_lib.mini.qa import answer_is_correct
     model, tok, cfg = evaluate.load(stage2_run, device="cpu")
-    ds, _, _, idx, _ = train._sft_datasets(cfg.paths, cfg)
+    ds, _, _, idx, _ = train.stage2_data(cfg.paths, cfg)
     images = [ds.image(i) for i in idx[:N_IMAGES]]
     ours = [[], []]
     for im in images:
