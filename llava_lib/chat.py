@@ -188,19 +188,23 @@ def caption(model, tokenizer, image, prompt: str | None = None, max_new_tokens: 
     return session.ask(prompt or DEFAULT_PROMPT)
 
 
-def answer_turns(model, tokenizer, image, messages: list[dict], max_new_tokens: int = 32) -> list[tuple[str, str]]:
-    """``(generated, reference)`` for each assistant turn of a conversation (the eval of Stage 2), greedy; the
-    reference turns before each answer are its history. The image marker of the first user turn is dropped:
-    the session puts the image back there itself."""
-    session = ChatSession(model, tokenizer, image=image,
-                          generation={"do_sample": False, "max_new_tokens": max_new_tokens})
+def qa_turns(messages: list[dict]) -> list[tuple[list[dict], str, str]]:
+    """``(history, question, reference)`` for each assistant turn of a conversation: the reference turns before it
+    are its history. The image marker is dropped (a session puts the image back into the first turn itself)."""
     turns = [{**m, "content": m["content"].replace(f"{IMAGE_MARKER}\n", "").replace(IMAGE_MARKER, "")}
              for m in messages if m["role"] != "system"]
+    return [(turns[:k - 1], turns[k - 1]["content"], m["content"]) for k, m in enumerate(turns)
+            if m["role"] == "assistant" and k > 0 and turns[k - 1]["role"] == "user"]
+
+
+def answer_turns(model, tokenizer, image, messages: list[dict], max_new_tokens: int = 32) -> list[tuple[str, str]]:
+    """``(generated, reference)`` for each assistant turn of a conversation (the eval of Stage 2), greedy."""
+    session = ChatSession(model, tokenizer, image=image,
+                          generation={"do_sample": False, "max_new_tokens": max_new_tokens})
     out = []
-    for k, m in enumerate(turns):
-        if m["role"] == "assistant" and k > 0 and turns[k - 1]["role"] == "user":
-            session.history = turns[:k - 1]
-            out.append((session.ask(turns[k - 1]["content"]), m["content"]))
+    for history, question, reference in qa_turns(messages):
+        session.history = history
+        out.append((session.ask(question), reference))
     return out
 
 

@@ -26,6 +26,7 @@ import torch
 from . import config as cfg_mod
 from . import train
 from .model.checkpoint import META
+from .chat import qa_turns
 from .process import IMAGE_MARKER, caption_conversation, clip_transform, encode_conversation
 
 MAX_NEW_TOKENS = {1: 48, 2: 32}  # the trainer's caption / answer budgets
@@ -79,15 +80,12 @@ def load(checkpoint, profile: str | None = None, device=None):
 
 # ---------------------------------------------------------------------------------------- generation
 def answer_prompts(conversation: list[dict]) -> list[tuple[list[dict], str]]:
-    """``(messages, reference)`` per assistant turn, as ``chat.answer_turns`` asks them: the turns before it as
-    history, the image marker at the start of the first user turn, no system turn."""
-    turns = [{**m, "content": m["content"].replace(f"{IMAGE_MARKER}\n", "").replace(IMAGE_MARKER, "")}
-             for m in conversation if m["role"] != "system"]
+    """``(messages, reference)`` per assistant turn, as ``chat.answer_turns`` asks them (the image in turn one)."""
     out = []
-    for k, m in enumerate(turns):
-        if m["role"] == "assistant" and k > 0 and turns[k - 1]["role"] == "user":
-            msgs = [{**turns[0], "content": f"{IMAGE_MARKER}\n{turns[0]['content']}"}] + turns[1:k]
-            out.append((msgs, m["content"]))
+    for history, question, reference in qa_turns(conversation):
+        msgs = history + [{"role": "user", "content": question}]
+        msgs[0] = {**msgs[0], "content": f"{IMAGE_MARKER}\n{msgs[0]['content']}"}
+        out.append((msgs, reference))
     return out
 
 
