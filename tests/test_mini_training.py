@@ -8,6 +8,7 @@ from transformers import ChineseCLIPModel
 
 from llava_lib.mini import clip_train as ct
 from llava_lib.mini import scenes as sc
+from llava_lib.process import IMAGE_PAD_ID
 
 
 def test_grid_positions_make_neighbouring_patches_alike():
@@ -79,7 +80,7 @@ def test_shape_noise_replaces_only_shape_words(qwen_tokenizer):
 
 def test_outline_patches_are_the_partly_covered_object_patches():
     scene = sc.Scene((sc.SceneObject("红色", "正方形", 0, 56.0, 56.0, 40.0),), (230, 230, 230))
-    owner, outline = sc.patch_owner(scene), sc.outline_patches(scene)
+    owner, outline = sc.patch_layout(scene)
     assert outline.dtype == bool and not (outline & (owner < 0)).any()
     # A 68 px square from 22 to 90 px: patch rows/columns 2..4 lie wholly inside (32..80 px), so 3x3 interior.
     inside = (owner >= 0) & ~outline
@@ -101,7 +102,7 @@ def test_lm_image_words_name_the_shape_only_on_outline_patches(qwen_tokenizer):
             assert (color == -1).all() and (shape == -1).all()
             continue
         seen += 1
-        owner, outline = sc.patch_owner(scene), sc.outline_patches(scene)
+        owner, outline = sc.patch_layout(scene)
         assert color[0] == -1  # the [CLS] slot
         assert ((color[1:] >= 0) == (owner >= 0)).all()
         assert ((shape[1:] >= 0) == outline).all()
@@ -112,12 +113,21 @@ def test_lm_image_words_name_the_shape_only_on_outline_patches(qwen_tokenizer):
 def test_clip_word_targets_give_exactly_what_the_lm_reads(qwen_tokenizer):
     """The CLIP's read-out head regresses ``scenes.patch_words`` (no LM needed, so the two train in parallel);
     that is only sound if those rows times the LM's image-word matrix are exactly the LM's slot embeddings."""
-    from llava_lib.mini.lm_train import HintedLM, UsedVocab, encode_corpus, image_word_matrix, patch_hints, word_ids
+    from llava_lib.mini.lm_train import HintedLM, UsedVocab, encode_corpus, hint_id, word_ids
+
+    def image_word_matrix(llm):
+        """One row per ``scenes.IMAGE_WORDS`` entry: a colour's or shape's first token, the sum of a position
+        word's tokens, the filler."""
+        emb = llm.get_input_embeddings().weight.detach()
+        rows = [emb[hint_id(qwen_tokenizer, w)] for w in list(sc.COLORS) + list(sc.SHAPES)]
+        rows += [emb[word_ids(qwen_tokenizer, w)].sum(0) for w in sc.POSITIONS]
+        return torch.stack(rows + [emb[IMAGE_PAD_ID]])
+
     used = set(qwen_tokenizer.all_special_ids)
     used |= {t for w in list(sc.COLORS) + list(sc.SHAPES) + list(sc.POSITIONS) for t in word_ids(qwen_tokenizer, w)}
     torch.manual_seed(0)
     lm = HintedLM(qwen_tokenizer, UsedVocab(used), hidden=16, layers=1)
-    words = image_word_matrix(lm.export(), qwen_tokenizer)
+    words = image_word_matrix(lm.export())
     assert words.shape == (len(sc.IMAGE_WORDS), 16)
     scenes = sc.make_scenes(40, 8)
     checked = 0
@@ -126,7 +136,7 @@ def test_clip_word_targets_give_exactly_what_the_lm_reads(qwen_tokenizer):
             continue
         read = lm.hints(torch.from_numpy(color)[None], torch.from_numpy(shape)[None], torch.from_numpy(cell)[None],
                         noise=0.0, drop=0.0)[0, 1:]
-        assert torch.allclose(patch_hints(scene, words), read, atol=1e-5)
+        assert torch.allclose(torch.from_numpy(sc.patch_words(scene)) @ words, read, atol=1e-5)
         rows = sc.patch_words(scene)
         owner, outline = sc.patch_layout(scene)
         assert (rows[owner < 0] == np.eye(len(sc.IMAGE_WORDS))[-1]).all()       # background: the filler only
@@ -155,7 +165,7 @@ def test_corpus_encoding_equals_encoding_with_the_full_image_block(qwen_tokenize
     the full 197-slot block gives through the same code the trainer uses."""
     from llava_lib.mini.corpus import conversation
     from llava_lib.mini.lm_train import encode_corpus
-    from llava_lib.process import IMAGE_PAD_ID, encode_conversation, num_image_tokens
+    from llava_lib.process import encode_conversation, num_image_tokens
     scenes = sc.make_scenes(40, 11)
     samples = encode_corpus(qwen_tokenizer, scenes, seed=3)
     rng = np.random.default_rng(3)  # encode_corpus draws the conversations from this stream, in order

@@ -1,16 +1,10 @@
 """The mini Chinese-CLIP: the real ``ChineseCLIPModel`` class at a small width, trained contrastively.
 
-Same geometry as ViT-B/16 (224 px, patch 16 -> 197 tokens), so every shape downstream is the real one except
-the widths: vision 96 against the mini LM's 64, two different widths as ViT-B/16's 768 and Qwen3-0.6B's 1024 are.
-A real CLIP learns from 400M pairs; ours has a few minutes of two CPU cores and 19,200 freshly drawn scenes (each
-seen once), so besides the CLIP loss two throw-away linear probes speed it up: one on the patch
-tokens learns each patch's object (colour everywhere, shape where the patch shows the outline), which makes the
-patch features carry what a real CLIP's carry about a photo (what Stage 1 must read); one on each side's pooled
-feature learns the scene's layout (which object sits in which of the 2x2 cells), which gives the contrastive
-loss the structure it would otherwise take long to find. The probes are not saved.
+ViT-B/16's geometry (224 px, patch 16 -> 197 tokens); only the widths are small. A real CLIP learns from 400M
+pairs; ours has minutes of two CPU cores and 19,200 fresh scenes, so throw-away linear probes (not saved) speed it
+up: on the patch tokens, each patch's object (what Stage 1 must read); on each side's pooled feature, the scene's
+layout (which object sits in which cell), the structure the contrastive loss would otherwise find slowly.
 """
-from __future__ import annotations
-
 import math
 import time
 
@@ -25,16 +19,18 @@ from .scenes import COLORS, GRID, IMAGE_WORDS, SHAPES, Scene, patch_layout, patc
 
 COLOR_INDEX = {c: i for i, c in enumerate(COLORS)}
 SHAPE_INDEX = {s: i for i, s in enumerate(SHAPES)}
+N_CELLS = GRID * GRID
+# Probe targets factorised as (cell x colour) and (cell x shape): a sum of such codes (what attention over several
+# objects' patches gives) still says, linearly, which colour and shape sit in which cell.
+N_COLOR_CODES = 1 + N_CELLS * len(COLORS)
+N_SHAPE_CODES = 1 + N_CELLS * len(SHAPES)
+CODE_BLOCK = 16  # scene_code, per cell: 7 colour slots (0 = empty) + 6 shape slots (0 = empty) + 3 unused
 
 
 def mini_clip_config(text_vocab_size: int, width: int = 96, layers: int = 3) -> ChineseCLIPConfig:
-    # Width 96, not the mini LM's 64: as in the real pair (768 -> 1024) the Stage 1 projection changes width, so
-    # it is visibly more than a square matrix. 3 layers, not 4, pay for the width: a step costs about what 64 x 4
-    # layers cost (CPU time, short runs interleaved on a loaded 2-core machine: 1.07x; 96 x 4 layers: 1.3x), with
-    # the same 200-way retrieval as 96 x 4 (0.965 both, build seed) and Stage 1 as good (captions 0.97 both).
-    # The vision MLP is 2x the width, not ViT's 4x: measured on the same seed (at width 64), 17% less time a step
-    # and a better read-out (200-way retrieval 0.945 -> 0.995, least-squares error of the LM's image words
-    # 0.030 -> 0.022). At width 96 (4 layers) a 1x MLP retrieved worse: 0.775.
+    # Width 96, wider than the mini LM's 64 as 768 -> 1024 in the real pair, so the Stage 1 projection changes width;
+    # 3 layers pay for it (same 200-way retrieval as 4). The vision MLP is 2x the width, not ViT's 4x: 17% faster a
+    # step and better read-out (retrieval 0.945 -> 0.995 at width 64); 1x retrieved worse (0.775).
     return ChineseCLIPConfig(
         text_config=dict(vocab_size=text_vocab_size, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                          intermediate_size=256, max_position_embeddings=96, pad_token_id=0,
@@ -48,9 +44,8 @@ def mini_clip_config(text_vocab_size: int, width: int = 96, layers: int = 3) -> 
 def init_grid_positions(vision_model, scale: float = 0.5) -> None:
     """Start the patch position embeddings as 2-D sines and cosines of (row, column) instead of N(0, 0.02).
 
-    A real ViT has months of GPU time to learn where each patch sits; ours has minutes. Telling a patch its row
-    and column from the first step lets attention find the object's other patches early, which is how a patch
-    inside a shape learns the shape (its own pixels are one flat colour). The embeddings stay trainable.
+    A patch inside a shape (one flat colour) learns the shape only once attention finds the object's other
+    patches; knowing rows and columns from the first step makes that early. The embeddings stay trainable.
     """
     emb = vision_model.embeddings.position_embedding.weight
     side = int(round((emb.shape[0] - 1) ** 0.5))
@@ -62,13 +57,6 @@ def init_grid_positions(vision_model, scale: float = 0.5) -> None:
     with torch.no_grad():
         emb.zero_()
         emb[1:, :grid.shape[1]] = scale * grid
-
-
-N_CELLS = GRID * GRID
-# Targets are factorised as (cell x colour) and (cell x shape): a sum of such codes (what an attention average
-# of several objects' patches gives) still says, linearly, which colour and which shape sit in which cell.
-N_COLOR_CODES = 1 + N_CELLS * len(COLORS)
-N_SHAPE_CODES = 1 + N_CELLS * len(SHAPES)
 
 
 def object_codes(o) -> tuple[int, int]:
@@ -85,67 +73,51 @@ def cell_targets(scene: Scene) -> np.ndarray:
     return out
 
 
-CODE_BLOCK = 16  # per cell: 7 colour slots (0 = empty) + 6 shape slots (0 = empty) + 3 unused
+def scene_codes(scenes, dim: int = 64) -> torch.Tensor:
+    """``[N, dim]`` unit vectors that spell each scene: per cell, a one-hot colour and a one-hot shape.
 
-
-def scene_code(scene: Scene, dim: int = 64) -> np.ndarray:
-    """A unit vector that spells the whole scene: per cell, a one-hot colour and a one-hot shape.
-
-    Both towers' projected embeddings are pulled towards it (besides CLIP's contrastive loss). Two scenes that
-    differ in one attribute of one cell then sit at cosine 7/8, so retrieval among hundreds of held-out scenes
-    works once each tower reads every cell right -- what 400M pairs teach a real CLIP, given to ours directly.
+    Both towers' embeddings are also pulled towards them: scenes differing in one attribute of one cell sit at
+    cosine 7/8, so retrieval works once each tower reads every cell right (what 400M pairs teach a real CLIP).
     """
     assert dim >= N_CELLS * CODE_BLOCK
-    out = np.zeros(dim, dtype=np.float32)
-    t = cell_targets(scene)
-    for k in range(N_CELLS):
-        out[k * CODE_BLOCK + t[0, k]] = 1.0
-        out[k * CODE_BLOCK + 1 + len(COLORS) + t[1, k]] = 1.0
-    return out / np.linalg.norm(out)
-
-
-def scene_codes(scenes, dim: int = 64) -> torch.Tensor:
-    """``[N, dim]``: :func:`scene_code` of each scene."""
-    return torch.from_numpy(np.stack([scene_code(s, dim) for s in scenes]))
-
-
-def _code_loss(emb: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Squared distance between unit embeddings and their scenes' codes (0 when they coincide)."""
-    return (emb - codes).pow(2).sum(-1).mean()
+    out = np.zeros((len(scenes), dim), dtype=np.float32)
+    for i, scene in enumerate(scenes):
+        t = cell_targets(scene)
+        for k in range(N_CELLS):
+            out[i, k * CODE_BLOCK + t[0, k]] = 1.0
+            out[i, k * CODE_BLOCK + 1 + len(COLORS) + t[1, k]] = 1.0
+        out[i] /= np.linalg.norm(out[i])
+    return torch.from_numpy(out)
 
 
 def patch_targets(scene: Scene, layout: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """``[2, 196]``: per patch, the covering object's (cell x colour, cell x shape) classes (0 = background; the
-    shape class also 0 on an interior patch, as in the LM's image words).
-
-    Knowing its own cell (from the position embedding) lets a patch token say "red circle, top left"; the last
-    layer's [CLS] attention, which starts as a near-uniform average, then reads the scene's layout linearly.
-    ``layout``: :func:`scenes.patch_layout` of the scene, when the caller has it already.
-    """
+    """``[2, 196]``: per patch, the covering object's :func:`object_codes` (0 = background; the shape class also 0
+    on an interior patch). ``layout``: :func:`scenes.patch_layout` of the scene, when the caller has it already."""
     owner, outline = layout if layout is not None else patch_layout(scene)
     out = np.zeros((2, owner.shape[0]), dtype=np.int64)
     for i, o in enumerate(scene.objects):
         color, shape = object_codes(o)
         out[0, owner == i] = color
-        out[1, (owner == i) & outline] = shape  # inside a shape there is no outline to read it from
+        out[1, (owner == i) & outline] = shape
     return out
 
 
-def caption_char_targets(scene: Scene) -> np.ndarray:
-    """``[2, len(caption)]``: per caption character, the codes of the object its clause describes (0 elsewhere).
-
-    The text-side twin of :func:`patch_targets`.
-    """
-    caption = scene.caption
-    head = caption.index("：") + 1
-    cols, shps = [0] * head, [0] * head
-    for o in scene.objects:
-        n = len(f"{o.position}是一个{o.color}的{o.shape}")
-        c, s = object_codes(o)
-        cols += [c] * n + [0]  # then the comma or the final full stop
-        shps += [s] * n + [0]
-    assert len(cols) == len(caption), caption
-    return np.asarray([cols, shps], dtype=np.int64)
+def _char_targets(scenes, ids: torch.Tensor) -> torch.Tensor:
+    """The text-side twin of :func:`patch_targets`: ``[2, B, T]``, per token of the char-level BERT ids the
+    :func:`object_codes` of the object its clause describes (0 elsewhere; [CLS]/[SEP]/pad -100)."""
+    out = torch.full((2, *ids.shape), -100, dtype=torch.long)
+    for b, scene in enumerate(scenes):
+        head = scene.caption.index("：") + 1
+        cols, shps = [0] * head, [0] * head
+        for o in scene.objects:
+            n = len(f"{o.position}是一个{o.color}的{o.shape}")
+            c, s = object_codes(o)
+            cols += [c] * n + [0]  # then the comma or the final full stop
+            shps += [s] * n + [0]
+        assert len(cols) == len(scene.caption), scene.caption
+        t = torch.tensor([cols, shps])[:, : ids.shape[1] - 2]
+        out[:, b, 1:1 + t.shape[1]] = t
+    return out
 
 
 def render_batch(scenes) -> torch.Tensor:
@@ -154,29 +126,26 @@ def render_batch(scenes) -> torch.Tensor:
 
 
 def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
-    """``[B,3,H,W]`` uint8 -> CLIP-normalised float (same numbers as ``process.clip_transform`` on 224 px input)."""
+    """``[B,3,H,W]`` uint8 -> CLIP-normalised float (the numbers of ``process.clip_transform``), in one buffer."""
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    # In place on a fresh copy: the same numbers as (x / 255 - mean) / std, one buffer instead of four.
     return images.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)
 
 
-def _text_batch(tokenizer, captions, max_len=64):
-    enc = tokenizer(list(captions), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
-
-
-def _char_targets_batch(batch_scenes, ids: torch.Tensor) -> torch.Tensor:
-    """Align :func:`caption_char_targets` with the char-level BERT ids: ``[2, B, T]`` ([CLS]/[SEP]/pad = -100)."""
-    out = torch.full((2, *ids.shape), -100, dtype=torch.long)
-    for b, s in enumerate(batch_scenes):
-        t = torch.from_numpy(caption_char_targets(s))[:, : ids.shape[1] - 2]
-        out[:, b, 1:1 + t.shape[1]] = t
-    return out
-
-
-def _lr(base: float, step: int, steps: int, warmup: int = 15) -> float:
+def cosine_lr(base: float, step: int, steps: int, warmup: int = 15) -> float:
+    """Linear warmup, then a cosine down to 5% of ``base``."""
     return base * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.95 + 0.05)
+
+
+def optimizer_step(opt, loss: torch.Tensor, lr: float, clip_params=None) -> None:
+    """One step at ``lr``; the gradient clipped to norm 1 when ``clip_params`` is given."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
 
 
 class _Heads(nn.Module):
@@ -200,32 +169,24 @@ class _Heads(nn.Module):
 
 def train_clip(scenes: list[Scene], tokenizer, *, vision_steps: int = 1000, steps: int = 200, batch: int = 16,
                text_steps: int = 300, text_batch: int = 32, text_scenes: list[Scene] | None = None,
-               lr: float = 5e-3, seed: int = 0, read_words: bool = True, log=print) -> ChineseCLIPModel:
-    """Three phases with fixed step counts (deterministic for a seed; the time depends on the machine).
+               lr: float = 5e-3, seed: int = 0, log=print) -> ChineseCLIPModel:
+    """Three phases with fixed step counts (deterministic for a seed):
 
-    1. Text side alone (cheap): per-character object codes + the layout from [CLS].
-    2. Image side alone (``vision_steps``): per-patch object codes + the layout from the pooled feature. A patch
-       inside a shape is one flat colour; it learns the shape only once attention gathers the object's edges
-       from its other patches, which takes about a thousand steps (measured: ~0.5 of the patches right after
-       800, ~0.95 after 1200) -- cheaper without the text side running too.
-    3. Both sides (``steps``): CLIP's contrastive loss on top of everything above.
-    Phases 2 and 3 read ``scenes`` in order, ``batch`` at a time, rendered on the fly (each image is seen once,
-    so the ViT cannot memorise a small set; give at least ``(vision_steps + steps) * batch`` scenes).
-    The per-token probes read the layer before the last, whose tokens the last layer's [CLS] attention gathers.
-
-    ``read_words``: a throw-away linear head regresses which image words the mini LM reads at each patch
-    (``scenes.patch_words``) from the last layer's patch tokens, so that *some* linear map from these features to
-    the LM's word space exists, as it does for a real CLIP and a real LLM. It needs no LM (the LM's slot
-    embedding is these word counts times its word embeddings), so the two train at the same time, in two
-    processes. Stage 1 still has to find the map from a random start, through the frozen LM's loss; the head is
-    not saved.
+    1. Text side alone (cheap): per-character object codes and the layout from [CLS].
+    2. Image side alone (``vision_steps``): per-patch object codes and the layout from the pooled feature. An
+       interior patch learns its shape only once attention gathers the object's edges: ~1,000 steps.
+    3. Both sides (``steps``): CLIP's contrastive loss on top.
+    Phases 2 and 3 read ``scenes`` in order, each seen once (no memorising), so give at least
+    ``(vision_steps + steps) * batch``. There a throw-away linear head also regresses ``scenes.patch_words`` (the
+    image words the mini LM reads) from the last patch tokens, so that *some* linear map to the LM's word space
+    exists, as for a real CLIP and LLM. It needs no LM, so the two train at once; Stage 1 still has to find the map.
     """
     torch.manual_seed(seed)
     model = ChineseCLIPModel(mini_clip_config(len(tokenizer)))
     init_grid_positions(model.vision_model)
     width = model.config.vision_config.hidden_size
     vis_heads = _Heads(width)
-    to_words = nn.Linear(width, len(IMAGE_WORDS)) if read_words else None
+    to_words = nn.Linear(width, len(IMAGE_WORDS))
     words_scale = float(np.stack([patch_words(s) for s in scenes[:64]]).mean())  # mean square of 0/1 targets
     txt_heads = _Heads(model.config.text_config.hidden_size)
     g = torch.Generator().manual_seed(seed)
@@ -233,27 +194,26 @@ def train_clip(scenes: list[Scene], tokenizer, *, vision_steps: int = 1000, step
     model.train()
 
     def text_losses(batch_scenes, codes):
-        ids, mask = _text_batch(tokenizer, [s.caption for s in batch_scenes])
-        out = model.text_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        enc = tokenizer([s.caption for s in batch_scenes], padding=True, truncation=True, max_length=64,
+                        return_tensors="pt")
+        ids = enc["input_ids"]
+        out = model.text_model(input_ids=ids, attention_mask=enc["attention_mask"], output_hidden_states=True)
         layout = torch.from_numpy(np.stack([cell_targets(s) for s in batch_scenes]))
-        tok = txt_heads.token_loss(out.hidden_states[-2], _char_targets_batch(batch_scenes, ids))
+        # The probes read the layer before the last, whose tokens the last layer's [CLS] attention gathers.
+        tok = txt_heads.token_loss(out.hidden_states[-2], _char_targets(batch_scenes, ids))
         cls = out.last_hidden_state[:, 0]
         txt_emb = F.normalize(model.text_projection(cls), dim=-1)
-        return txt_emb, tok, txt_heads.layout_loss(cls, layout) + _code_loss(txt_emb, codes)
+        return txt_emb, tok, txt_heads.layout_loss(cls, layout) + (txt_emb - codes).pow(2).sum(-1).mean()
 
     # Phase 1: the text tower alone.
     text_scenes = text_scenes or scenes
     text_params = [p for m in (model.text_model, model.text_projection, txt_heads) for p in m.parameters()]
     opt = torch.optim.AdamW(text_params, lr=lr, weight_decay=0.01)
     for step in range(text_steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(lr, step, text_steps)
         idx = torch.randperm(len(text_scenes), generator=g)[:text_batch].tolist()
         batch_scenes = [text_scenes[i] for i in idx]
         _, tok, layout = text_losses(batch_scenes, scene_codes(batch_scenes, model.config.projection_dim))
-        opt.zero_grad(set_to_none=True)
-        (tok + layout).backward()
-        opt.step()
+        optimizer_step(opt, tok + layout, cosine_lr(lr, step, text_steps))
         if (step + 1) % 100 == 0:
             log(f"  CLIP 文本塔 第 {step + 1}/{text_steps} 步  字符 {tok.item():.3f}  布局 {layout.item():.3f}  "
                 f"已用 {time.time() - start:.0f}s")
@@ -262,11 +222,9 @@ def train_clip(scenes: list[Scene], tokenizer, *, vision_steps: int = 1000, step
     total = vision_steps + steps
     if len(scenes) < total * batch:
         raise ValueError(f"需要至少 (vision_steps + steps) * batch = {total * batch} 个场景，只给了 {len(scenes)} 个。")
-    params = [p for m in (model, vis_heads, txt_heads, to_words) if m is not None for p in m.parameters()]
+    params = [p for m in (model, vis_heads, txt_heads, to_words) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     for step in range(total):
-        for group in opt.param_groups:
-            group["lr"] = _lr(lr, step, total)
         batch_scenes = scenes[step * batch:(step + 1) * batch]
         owners = [patch_layout(s) for s in batch_scenes]  # one mask rendering per scene for both target kinds
         targets = torch.from_numpy(np.stack([patch_targets(s, lo) for s, lo in zip(batch_scenes, owners)]))
@@ -289,15 +247,12 @@ def train_clip(scenes: list[Scene], tokenizer, *, vision_steps: int = 1000, step
         # Both the last layer (what Stage 1 reads) and the one before (what [CLS] gathers) say what each patch shows.
         patch_loss = (vis_heads.token_loss(vis.hidden_states[-2][:, 1:], targets)
                       + vis_heads.token_loss(vis.last_hidden_state[:, 1:], targets))
-        image_layout = vis_heads.layout_loss(vis.pooler_output, layouts) + _code_loss(img_emb, codes)
+        image_layout = vis_heads.layout_loss(vis.pooler_output, layouts) + (img_emb - codes).pow(2).sum(-1).mean()
         loss = clip_loss + patch_loss + image_layout + char_loss + text_layout
-        if to_words is not None:  # relative squared error of the linear read-out of the LM's image words
-            words = torch.from_numpy(np.stack([patch_words(s, lo) for s, lo in zip(batch_scenes, owners)]))
-            loss = loss + F.mse_loss(to_words(vis.last_hidden_state[:, 1:]), words) / words_scale
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        # The relative squared error of the linear read-out of the LM's image words.
+        words = torch.from_numpy(np.stack([patch_words(s, lo) for s, lo in zip(batch_scenes, owners)]))
+        loss = loss + F.mse_loss(to_words(vis.last_hidden_state[:, 1:]), words) / words_scale
+        optimizer_step(opt, loss, cosine_lr(lr, step, total), params)
         if (step + 1) % 100 == 0 or step == 0:
             log(f"  CLIP 第 {step + 1}/{total} 步  对比损失 {clip_loss.item():.3f}  图块 {patch_loss.item():.3f}  "
                 f"图片布局 {image_layout.item():.3f}  文本布局 {text_layout.item():.3f}  "
@@ -305,35 +260,3 @@ def train_clip(scenes: list[Scene], tokenizer, *, vision_steps: int = 1000, step
     model.eval()
     return model
 
-
-def image_embeddings(model: ChineseCLIPModel, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """L2-normalised projected image embeddings of uint8 images."""
-    out = [model.get_image_features(pixel_values=normalize_uint8(images[s:s + batch])).pooler_output
-           for s in range(0, images.shape[0], batch)]
-    return F.normalize(torch.cat(out), dim=-1)
-
-
-def text_embeddings(model: ChineseCLIPModel, tokenizer, texts: list[str]) -> torch.Tensor:
-    ids, mask = _text_batch(tokenizer, texts)
-    return F.normalize(model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, dim=-1)
-
-
-@torch.no_grad()
-def text_image_similarity(model: ChineseCLIPModel, tokenizer, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
-    """``[captions, images]`` cosine similarities."""
-    model.eval()
-    return text_embeddings(model, tokenizer, captions) @ image_embeddings(model, images).T
-
-
-def retrieval_top1(sim: torch.Tensor, captions: list[str], gallery: int | None = None) -> float:
-    """For each caption, is the most similar image one whose caption is that caption? (duplicates count)
-
-    ``gallery=k`` cuts the images into consecutive galleries of k and retrieves within each (k-way retrieval,
-    chance = 1/k); ``None`` retrieves among all of them.
-    """
-    k = gallery or len(captions)
-    hits = []
-    for s in range(0, len(captions), k):
-        best = sim[s:s + k, s:s + k].argmax(1).tolist()
-        hits += [captions[s + b] == captions[s + i] for i, b in enumerate(best)]
-    return float(np.mean(hits))

@@ -1,26 +1,16 @@
 """The mini Qwen3: the real ``Qwen3ForCausalLM`` class at a small width, with the real Qwen tokenizer.
 
-Two tricks keep it cheap on two CPU cores and make Stage 1 meaningful:
-
-1. **The words of the mini world.** Only the few hundred token ids that the mini world's texts use get trained
-   embeddings; every other row of the (tied) 151,936 x H embedding stays exactly zero, so its logit is exactly 0
-   and the full-vocabulary softmax equals a softmax over the used ids plus one extra logit ``log(#unused)``. The
-   training loss below is therefore the exact full-vocabulary cross-entropy, at a fraction of the cost.
-2. **Reading word embeddings in the image block.** During pretraining the 197 ``<|image_pad|>`` slots of an image
-   turn hold *word embeddings* laid out like the image: a patch in the top left covered by a red star holds
-   ``emb(红色) + emb(星) + emb(左) + emb(上方)`` (the shape word only where the patch shows the outline:
-   ``scenes.outline_patches``), the other slots hold ``emb(<|image_pad|>)`` (plus noise). The LM thus learns to read
-   a picture made of words, as a real LLM reads its context. It never sees CLIP features: Stage 1 must learn a
-   projection that turns CLIP's patch features into such word embeddings — LLaVA's alignment, in miniature.
-3. **Voting over an object's patches.** The mini ViT gets most, not all, outline patches' shape right. So during
-   pretraining each slot's *shape* word is replaced by a random shape with probability ``SHAPE_NOISE``: the LM
-   learns to go with the shape most of the object's patches agree on, as a real LLM reads past noisy visual
-   tokens. Measured (greedy captions of 100 held-out scenes, 800 steps, 4 layers): 0.99 right with the exact
-   image words, 0.81-0.83 through a least-squares map from the mini CLIP's patch features (the best a linear
-   projection fitted to the words, not to the LM's loss, does).
+1. **Only the mini world's words.** Only the ~130 token ids its texts use get trained embeddings; every other row
+   of the tied 151,936-row table stays exactly zero (logit exactly 0), so the full-vocabulary cross-entropy is a
+   softmax over the used ids plus one logit ``log(#unused)``: exact, at a fraction of the cost.
+2. **A picture made of words.** In pretraining the 197 ``<|image_pad|>`` slots hold word embeddings laid out like
+   the image (``scenes.patch_words``): a top-left patch of a red star holds ``emb(红色) + emb(星) + emb(左) + emb(上方)``
+   (the shape word only on outline patches), background slots ``emb(<|image_pad|>)``, plus noise. The LM never
+   sees CLIP features: Stage 1 must learn a projection onto these words, LLaVA's alignment in miniature.
+3. **Voting over an object's patches.** The mini ViT gets most, not all, outline patches' shape right, so each
+   slot's shape word is replaced by a random shape with probability ``SHAPE_NOISE``: the LM learns to go with
+   the majority (measured: greedy captions through a least-squares map from CLIP features 0.81-0.83 right).
 """
-from __future__ import annotations
-
 import math
 import time
 
@@ -28,22 +18,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from ..model.llava import is_right_padded
 from ..process import IGNORE_INDEX, IMAGE_PAD_ID, encode_conversation, num_image_tokens
+from .clip_train import cosine_lr, optimizer_step
 from .corpus import conversation
-from .scenes import COLORS, POSITIONS, SHAPES, Scene, patch_layout, patch_words
+from .scenes import COLORS, POSITIONS, SHAPES, Scene, patch_layout
 
 VOCAB_ROWS = 151936  # Qwen3-0.6B's embedding rows (the tokenizer uses the first 151,669)
 SHAPE_NOISE = 0.1    # chance that a slot's shape word is replaced by a random shape during pretraining
 
 
 def mini_llm_config(hidden: int = 64, layers: int = 3) -> Qwen3Config:
-    # initializer_range 0.1 (~0.8/sqrt(hidden)) instead of Qwen's 0.02, which is sized for width 1024: at width 64
-    # the 0.02 start leaves attention uniform for hundreds of steps, and reading *which* object sits *where* in
-    # the image block (attention that depends on the position words just written) appears only much later.
-    # Measured with perfect hints: caption accuracy 0.05 vs 0.30 after 100 steps, 0.93 after 600 (batch 24).
+    # initializer_range 0.1, not Qwen's 0.02 (sized for width 1024): at width 64 the 0.02 start leaves attention
+    # uniform for hundreds of steps (captions right after 100 steps with perfect hints: 0.05 vs 0.30).
     return Qwen3Config(
         vocab_size=VOCAB_ROWS, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         initializer_range=0.1,
@@ -58,10 +47,7 @@ def word_ids(tokenizer, word: str) -> list[int]:
 
 
 def hint_id(tokenizer, word: str) -> int:
-    """The token that stands for a word in the image block: its first token (三角形 -> 三角, 星形 -> 星).
-
-    Not the mean of all its tokens: 三角形, 菱形 and 星形 share the token 形, which would blur them together.
-    """
+    """A word's first token stands for it in the image block (三角形 -> 三角): 三角形, 菱形 and 星形 share 形."""
     return word_ids(tokenizer, word)[0]
 
 
@@ -84,31 +70,26 @@ class UsedVocab:
 
 
 def encode_corpus(tokenizer, scenes: list[Scene], seed: int, max_len: int = 320):
-    """Token ids, labels and per-slot hint words for one conversation per scene."""
+    """Per scene: ids, labels, whether it shows the image, and per slot its object's colour, shape, cell (-1: none;
+    shape also -1 on an interior patch)."""
     rng = np.random.default_rng(seed)
     n_img = num_image_tokens()
-    color_names, shape_names = list(COLORS), list(SHAPES)
     samples = []
     for scene in scenes:
         conv, with_image = conversation(scene, rng)
-        # Rendered and tokenized with a one-slot image block, then widened: the same ids and labels as with all
-        # 197 slots (<|image_pad|> is one special token, never merged; the slots carry no labels),
-        # a quarter less time (8,000 conversations: 8.3 -> 6.2 s).
+        # Tokenized with one image slot, then widened: the same ids and labels as with 197, a quarter faster.
         ids, labels = encode_conversation(tokenizer, conv, 1, learn_thinking=True)
+        color, shape, cell = np.full((3, n_img), -1, dtype=np.int64)
         if with_image:
             k = ids.index(IMAGE_PAD_ID)
             ids = ids[:k] + [IMAGE_PAD_ID] * n_img + ids[k + 1:]
             labels = labels[:k] + [labels[k]] * n_img + labels[k + 1:]
-        slot_color = np.full(n_img, -1, dtype=np.int64)
-        slot_shape = np.full(n_img, -1, dtype=np.int64)
-        slot_cell = np.full(n_img, -1, dtype=np.int64)
-        if with_image:
             owner, outline = patch_layout(scene)
             for i, o in enumerate(scene.objects):
-                slot_color[1:][owner == i] = color_names.index(o.color)
-                slot_shape[1:][(owner == i) & outline] = shape_names.index(o.shape)  # -1 inside: no shape word
-                slot_cell[1:][owner == i] = o.cell
-        samples.append((ids[:max_len], labels[:max_len], with_image, slot_color, slot_shape, slot_cell))
+                color[1:][owner == i] = list(COLORS).index(o.color)
+                shape[1:][(owner == i) & outline] = SHAPES.index(o.shape)
+                cell[1:][owner == i] = o.cell
+        samples.append((ids[:max_len], labels[:max_len], with_image, color, shape, cell))
     return samples
 
 
@@ -121,7 +102,6 @@ class HintedLM(nn.Module):
         self.model = Qwen3ForCausalLM(mini_llm_config(hidden, layers))
         self.model.model.embed_tokens.weight.requires_grad_(False)  # rebuilt from `table` at save time
         self.table = nn.Parameter(torch.randn(len(vocab), hidden) * 0.5)
-        # Rows of the table that stand for each colour / shape word in the image block.
         self.register_buffer("color_rows", vocab.compact(torch.tensor([hint_id(tokenizer, w) for w in COLORS])))
         self.register_buffer("shape_rows", vocab.compact(torch.tensor([hint_id(tokenizer, w) for w in SHAPES])))
         # A position word's tokens (左 + 上方 ...): content the LM can match when it writes "左上方是一个...".
@@ -134,10 +114,7 @@ class HintedLM(nn.Module):
 
     def hints(self, slot_color: torch.Tensor, slot_shape: torch.Tensor, slot_cell: torch.Tensor, noise: float,
               drop: float, shape_noise: float = 0.0) -> torch.Tensor:
-        """``[B,197]`` object words per slot -> ``[B,197,H]`` slot embeddings.
-
-        ``slot_color`` -1 = background; ``slot_shape`` -1 on an object's slot = no shape word (an interior patch).
-        """
+        """``[B,197]`` object words per slot (as :func:`encode_corpus`) -> ``[B,197,H]`` slot embeddings."""
         if shape_noise > 0:  # see the module doc, point 3
             flip = (torch.rand(slot_shape.shape) < shape_noise) & (slot_shape >= 0)
             slot_shape = torch.where(flip, torch.randint_like(slot_shape, len(SHAPES)), slot_shape)
@@ -154,7 +131,7 @@ class HintedLM(nn.Module):
             out = out + noise * self.table.detach().std() * torch.randn_like(out)
         return out
 
-    def loss(self, ids, labels, attention_mask, has_image, slot_color, slot_shape, slot_cell, noise=0.3, drop=0.1,
+    def loss(self, ids, labels, has_image, slot_color, slot_shape, slot_cell, noise=0.3, drop=0.1,
              shape_noise=SHAPE_NOISE):
         embeds = self.table[self.vocab.compact(ids)]
         img_rows = has_image.nonzero().flatten()
@@ -164,12 +141,15 @@ class HintedLM(nn.Module):
             sub = embeds[img_rows]
             sub[slots] = h.reshape(-1, h.shape[-1])
             embeds = embeds.index_copy(0, img_rows, sub)
-        # Right-padded rows (``_pad_batch``) need no mask in a causal LM: a real token sees only earlier, real
-        # tokens, and padding has no labels. Without it SDPA takes its causal kernel (measured: ~11% faster a step).
-        if attention_mask is not None and is_right_padded(attention_mask):
-            attention_mask = None
-        hidden = self.model.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-        return exact_vocab_loss(hidden, labels, self.table, self.vocab, self.log_unused)
+        # Right padding needs no mask in a causal LM (padding has no labels); without one SDPA takes its causal
+        # kernel, ~11% faster a step.
+        hidden = self.model.model(inputs_embeds=embeds).last_hidden_state
+        # The exact full-vocabulary cross-entropy: every unused row is zero, its logit 0 (module doc, point 1).
+        targets = labels[:, 1:]
+        sel = targets != IGNORE_INDEX
+        logits = hidden[:, :-1][sel] @ self.table.T
+        logits = torch.cat([logits, logits.new_full((logits.shape[0], 1), self.log_unused)], dim=1)
+        return F.cross_entropy(logits, self.vocab.compact(targets[sel]))
 
     def export(self) -> Qwen3ForCausalLM:
         """The plain Qwen3 model: trained rows in place, every other row zero (tied input/output)."""
@@ -181,30 +161,12 @@ class HintedLM(nn.Module):
         return self.model
 
 
-def exact_vocab_loss(hidden, labels, table, vocab: UsedVocab, log_unused: float) -> torch.Tensor:
-    """Full-vocabulary next-token cross-entropy when every unused embedding row is zero (see module doc)."""
-    targets = labels[:, 1:]
-    sel = targets != IGNORE_INDEX
-    h = hidden[:, :-1][sel]
-    logits = h @ table.T
-    logits = torch.cat([logits, logits.new_full((logits.shape[0], 1), log_unused)], dim=1)
-    return F.cross_entropy(logits, vocab.compact(targets[sel]))
-
-
 def _pad_batch(samples, pad_id):
-    T = max(len(s[0]) for s in samples)
-    ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), T), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(samples), T), dtype=torch.long)
-    for b, s in enumerate(samples):
-        ids[b, :len(s[0])] = torch.tensor(s[0])
-        labels[b, :len(s[1])] = torch.tensor(s[1])
-        mask[b, :len(s[0])] = 1
-    has_image = torch.tensor([s[2] for s in samples])
-    color = torch.from_numpy(np.stack([s[3] for s in samples]))
-    shape = torch.from_numpy(np.stack([s[4] for s in samples]))
-    cell = torch.from_numpy(np.stack([s[5] for s in samples]))
-    return ids, labels, mask, has_image, color, shape, cell
+    """Right-padded ids and labels, then the image flag and the slot words of :func:`encode_corpus`."""
+    ids = pad_sequence([torch.tensor(s[0]) for s in samples], batch_first=True, padding_value=pad_id)
+    labels = pad_sequence([torch.tensor(s[1]) for s in samples], batch_first=True, padding_value=IGNORE_INDEX)
+    slots = [torch.from_numpy(np.stack([s[k] for s in samples])) for k in (3, 4, 5)]
+    return ids, labels, torch.tensor([s[2] for s in samples]), *slots
 
 
 def train_llm(tokenizer, scenes: list[Scene], *, steps: int = 600, batch: int = 24, lr: float = 3e-3,
@@ -213,41 +175,25 @@ def train_llm(tokenizer, scenes: list[Scene], *, steps: int = 600, batch: int = 
     samples = encode_corpus(tokenizer, scenes, seed)
     used = set(tokenizer.all_special_ids) | {t for s in samples for t in s[0]}
     used |= {t for w in list(COLORS) + list(SHAPES) + list(POSITIONS) for t in word_ids(tokenizer, w)}
-    vocab = UsedVocab(used)
-    lm = HintedLM(tokenizer, vocab, hidden, layers)
+    lm = HintedLM(tokenizer, UsedVocab(used), hidden, layers)
     params = [p for p in lm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = np.random.default_rng(seed)
     # Each batch is all image conversations (~270 tokens) or all text-only ones (~100), drawn in proportion: the
-    # same mix of samples on average, without padding the short ones to the long ones' length (~15% less work).
+    # same mix on average, without padding the short ones to the long ones' length (~15% less work).
     groups = [np.array([i for i, s in enumerate(samples) if s[2] == with_image]) for with_image in (True, False)]
     p_image = len(groups[0]) / len(samples)
     start = time.time()
     lm.train()
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 30) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.95 + 0.05)
         pool = groups[0] if g.random() < p_image else groups[1]
         idx = g.choice(pool, size=batch, replace=False)
         loss = lm.loss(*_pad_batch([samples[i] for i in idx], tokenizer.pad_token_id))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, cosine_lr(lr, step, steps, warmup=30), params)
         if (step + 1) % 100 == 0 or step == 0:
             log(f"  LLM 第 {step + 1}/{steps} 步  损失 {loss.item():.3f}  已用 {time.time() - start:.0f}s")
     lm.eval()
     return lm.export()
-
-
-@torch.no_grad()
-def image_word_matrix(llm: Qwen3ForCausalLM, tokenizer) -> torch.Tensor:
-    """``[len(scenes.IMAGE_WORDS), H]``: the embeddings the LM learned to read in the image block, one row per image
-    word (a colour's or shape's first token, the sum of a position word's tokens, the filler)."""
-    emb = llm.get_input_embeddings().weight
-    rows = [emb[hint_id(tokenizer, w)] for w in list(COLORS) + list(SHAPES)]
-    rows += [emb[word_ids(tokenizer, w)].sum(0) for w in POSITIONS]
-    return torch.stack(rows + [emb[IMAGE_PAD_ID]])
 
 
 def image_word_regions(scene: Scene, tokenizer) -> list[tuple[str, np.ndarray, dict[str, list[int]]]]:
@@ -261,7 +207,3 @@ def image_word_regions(scene: Scene, tokenizer) -> list[tuple[str, np.ndarray, d
     regions.append(("背景", np.flatnonzero(owner < 0), {"填充词 <|image_pad|>": [IMAGE_PAD_ID]}))
     return regions
 
-
-def patch_hints(scene: Scene, words: torch.Tensor) -> torch.Tensor:
-    """``[196, H]``: the slot embedding the LM expects at each patch of ``scene`` (``words``: image_word_matrix)."""
-    return torch.from_numpy(patch_words(scene)) @ words

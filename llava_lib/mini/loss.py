@@ -1,10 +1,9 @@
 """The mini world's exact, cheaper LM head (plugged in through ``TrainConfig.head_loss``).
 
-The mini Qwen3's tied head has 151,936 rows of which only the ~130 its world's texts use are non-zero; both the
-loss and the logits can skip the zero rows exactly.
+The mini Qwen3's tied head has 151,936 rows of which only the ~130 its world's texts use are non-zero; a zero
+row's logit is exactly 0 whatever the hidden state, so the loss and the logits can skip those rows exactly.
+A real LLM has no zero rows and keeps the general loss.
 """
-from __future__ import annotations
-
 import functools
 import math
 
@@ -16,14 +15,9 @@ from ..model.llava import StepOutput, labelled_positions, lean_causal_lm_loss
 
 
 def zero_rows_head_loss(lm_head: nn.Module, min_zero_fraction: float = 0.5):
-    """An exact, cheaper head loss for a frozen LM head whose rows are mostly exactly zero; else the general one.
-
-    The mini Qwen3 trains only the ~110 embedding rows its world's texts use; the other 151,826 rows of its tied
-    151,936-row head are exactly 0, so their logits are exactly 0 whatever the hidden state. Then
-    ``logsumexp(all logits) = logsumexp(live logits, log(#zero rows))`` and a zero row's target logit is 0: the
-    full-vocabulary cross-entropy, computed with a 110-row matrix product instead of a 151,936-row one (the head
-    was most of a mini Stage 1 step on a CPU). A real LLM has no zero rows and keeps the general loss.
-    """
+    """For a frozen head whose rows are mostly exactly zero: the full-vocabulary cross-entropy from the live rows,
+    ``logsumexp(all) = logsumexp(live logits, log(#zero rows))`` (the head was most of a mini Stage 1 step on a
+    CPU). Otherwise the general loss."""
     w = lm_head.weight
     if getattr(lm_head, "bias", None) is not None or w.requires_grad:
         return lean_causal_lm_loss
@@ -58,12 +52,8 @@ def _live_rows_forward(lm_head: nn.Module, live: torch.Tensor, hidden: torch.Ten
 
 
 def live_rows_head(lm_head: nn.Module) -> torch.Tensor:
-    """Let a frozen head whose rows are mostly exactly zero multiply only its live rows.
-
-    A zero row's logit is exactly 0 and a live row's is the same dot product as in the full product (bit for bit,
-    tested), so decoding is unchanged; the full 151,936-row product was most of a mini decode step on a CPU.
-    Returns the indices of the live rows.
-    """
+    """Make a frozen, mostly-zero head multiply only its live rows (bit for bit the same logits: decoding is
+    unchanged, and the full product was most of a mini decode step on a CPU). Returns the live rows' indices."""
     with torch.no_grad():
         live = (lm_head.weight != 0).any(dim=1).nonzero().flatten()
     lm_head.forward = functools.partial(_live_rows_forward, lm_head, live)

@@ -1,13 +1,9 @@
 """Serve the mini world's images on loopback, so its parquet URLs work as real HTTP URLs."""
-from __future__ import annotations
-
 import contextlib
 import functools
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-
-DEFAULT_PORT = 18765
 
 
 class _Quiet(SimpleHTTPRequestHandler):
@@ -18,18 +14,10 @@ class _Quiet(SimpleHTTPRequestHandler):
 @contextlib.contextmanager
 def serving(root: Path, port: int = 0):
     """Serve ``root/images`` on 127.0.0.1 (port 0 = any free port); yields the base URL ending in '/'."""
-    handler = functools.partial(_Quiet, directory=str(Path(root) / "images"))
-    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(_Quiet, directory=str(Path(root) / "images")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/"
     finally:
         server.shutdown()
         server.server_close()
-
-
-def serve_forever(root: Path, port: int = DEFAULT_PORT) -> None:
-    with serving(root, port) as base:
-        print(f"迷你世界图片服务：{base}（Ctrl-C 结束）")
-        threading.Event().wait()
