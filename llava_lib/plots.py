@@ -7,6 +7,7 @@ Each chart returns its ``Figure`` closed in pyplot, so a notebook shows it once,
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import time
@@ -26,20 +27,18 @@ from PIL import Image
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "Source Han Sans CN", "WenQuanYi Micro Hei",
              "WenQuanYi Zen Hei", "Sarasa Gothic SC", "PingFang SC", "Heiti SC", "Hiragino Sans GB",
              "Microsoft YaHei", "SimHei", "Droid Sans Fallback", "AR PL UMing CN", "Noto Sans CJK JP")
-_font_cache: list = []
 
 
+@functools.cache
 def chinese_font() -> str | None:
     """Install the first CJK font found as matplotlib's sans-serif font; its name, or None if there is none."""
-    if not _font_cache:
-        installed = {f.name for f in font_manager.fontManager.ttflist}
-        name = next((n for n in CJK_FONTS if n in installed), None) or next(
-            (n for n in sorted(installed) if any(k in n for k in ("CJK", " SC", "Hei", "Song", "Kai"))), None)
-        if name is not None:
-            matplotlib.rcParams.update({"font.sans-serif": [name, *matplotlib.rcParams["font.sans-serif"]],
-                                        "font.family": "sans-serif", "axes.unicode_minus": False})
-        _font_cache.append(name)
-    return _font_cache[0]
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    name = next((n for n in CJK_FONTS if n in installed), None) or next(
+        (n for n in sorted(installed) if any(k in n for k in ("CJK", " SC", "Hei", "Song", "Kai"))), None)
+    if name is not None:
+        matplotlib.rcParams.update({"font.sans-serif": [name, *matplotlib.rcParams["font.sans-serif"]],
+                                    "font.family": "sans-serif", "axes.unicode_minus": False})
+    return name
 
 
 def label(zh, en: str = "") -> str:

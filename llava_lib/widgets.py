@@ -18,8 +18,6 @@ from .data import FetchError, decode_image, reason_label
 from .plots import thumbnail_jpeg
 from .retrieval import read_examples
 
-__all__ = ["TextChatWidget", "ImageChatWidget", "render_reply"]
-
 THUMBNAIL_SIZE = 320
 _GREY = "#6b7280"
 _BUBBLE = ("border-radius:12px;padding:6px 10px;margin:2px 0;white-space:pre-wrap;word-break:break-word;"

@@ -14,7 +14,7 @@ from llava_lib import plots  # noqa: E402
 
 @pytest.fixture(params=[None, "Fake CJK"], ids=["no-cjk-font", "cjk-font"])
 def font(request, monkeypatch):
-    monkeypatch.setattr(plots, "_font_cache", [request.param])
+    monkeypatch.setattr(plots, "chinese_font", lambda: request.param)
     return request.param
 
 
@@ -96,9 +96,9 @@ def test_live_loss_plot_redraws_from_history(font):
 
 
 def test_chinese_font_detection_is_cached(monkeypatch):
-    monkeypatch.setattr(plots, "_font_cache", [])
+    plots.chinese_font.cache_clear()
     name = plots.chinese_font()
-    assert plots.chinese_font() == name and plots._font_cache == [name]
+    assert plots.chinese_font() == name and plots.chinese_font.cache_info().hits == 1
     assert plots.label("中文", "english") == ("中文" if name else "english")
 
 
