@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from .chat import ChatSession, load_image, split_thinking
+from .chat import ChatSession, load_image
 from .data import FetchError, decode_image, reason_label
 from .plots import thumbnail_jpeg
 from .retrieval import read_examples
@@ -32,12 +32,12 @@ def _grey(text: str, extra: str = "") -> str:
 
 # ----------------------------------------------------------------------------------------------- rendering
 def _split(text: str) -> tuple[str, str, bool]:
-    """(thinking, answer, still_thinking) of a (possibly partial) reply."""
-    if "</think>" in text and "<think>" not in text:  # the template opened the think block itself
-        thinking, _, answer = text.partition("</think>")
-        return thinking.strip("\n"), answer.lstrip("\n"), False
-    thinking, answer = split_thinking(text)
-    return thinking, answer, "<think>" in text and "</think>" not in text
+    """(thinking, answer, still_thinking) of a (possibly partial) reply; ``<think>`` may have come from the template."""
+    head, opened, rest = text.partition("<think>")
+    if not opened and "</think>" not in text:
+        return "", text, False
+    thinking, closed, answer = (rest if opened else text).partition("</think>")
+    return thinking.strip("\n"), (head + answer if opened else answer).lstrip("\n") if closed else "", not closed
 
 
 def render_reply(text: str, *, streaming: bool = False, note: str = "") -> tuple[str, str]:
