@@ -35,8 +35,7 @@ def _close(answer, truth: float, rel: float = 1e-3) -> bool:
     return _number(answer) is not None and math.isclose(_number(answer), truth, rel_tol=rel, abs_tol=1e-9)
 
 
-def _gb(answer, n_bytes: float) -> bool:
-    """GB as 10^9 bytes or GiB as 2^30: both accepted, within 2%."""
+def _gb(answer, n_bytes: float) -> bool:  # GB (10^9 bytes) or GiB (2^30), within 2%
     return _close(answer, n_bytes / 1e9, 0.02) or _close(answer, n_bytes / 2**30, 0.02)
 
 
