@@ -35,6 +35,10 @@ def _close(answer, truth: float, rel: float = 1e-3) -> bool:
     return _number(answer) is not None and math.isclose(_number(answer), truth, rel_tol=rel, abs_tol=1e-9)
 
 
+def _gb(answer, n_bytes: float) -> bool:  # GB (10^9 bytes) or GiB (2^30), within 2%
+    return _close(answer, n_bytes / 1e9, 0.02) or _close(answer, n_bytes / 2**30, 0.02)
+
+
 def _ints(answer) -> list[int] | None:
     try:
         return [int(i) for i in (answer.tolist() if hasattr(answer, "tolist") else answer)]
@@ -44,12 +48,11 @@ def _ints(answer) -> list[int] | None:
 
 # ------------------------------------------------------------------------------------------------- 00
 def check_memory_gb(answer, n_params: float, bytes_per_param: int) -> bool:
-    """Weights only: parameters x bytes per parameter; GB as 10^9 bytes or GiB as 2^30 are both accepted."""
+    """Weights only: parameters x bytes per parameter."""
     if _blank(answer, "显存大小（单位 GB 的数字）"):
         return False
-    gb, gib = n_params * bytes_per_param / 1e9, n_params * bytes_per_param / 2**30
-    return _verdict(_close(answer, gb, 0.02) or _close(answer, gib, 0.02),
-                    f"{n_params:.3g} 个参数 × {bytes_per_param} 字节 ≈ {gb:.2f} GB。",
+    return _verdict(_gb(answer, n_params * bytes_per_param),
+                    f"{n_params:.3g} 个参数 × {bytes_per_param} 字节 ≈ {n_params * bytes_per_param / 1e9:.2f} GB。",
                     f"每个参数占 {bytes_per_param} 字节；参数量 × 字节数，再除以 10^9 就是 GB。")
 
 
@@ -200,12 +203,12 @@ def check_image_block_tokens(answer, tokenizer, n_image_tokens: int) -> bool:
 
 # ------------------------------------------------------------------------------------------------- 06
 def check_training_memory_gb(answer, n_trainable: float) -> bool:
-    """fp32 weights + gradients + AdamW's two moments: 16 bytes per trainable parameter (GB or GiB accepted)."""
+    """fp32 weights + gradients + AdamW's two moments: 16 bytes per trainable parameter."""
     if _blank(answer, "训练时权重、梯度和优化器状态一共占的显存（单位 GB 的数字）"):
         return False
-    gb, gib = n_trainable * 16 / 1e9, n_trainable * 16 / 2**30
-    if _close(answer, n_trainable * 4 / 1e9, 0.02) or _close(answer, n_trainable * 4 / 2**30, 0.02):
+    if _gb(answer, n_trainable * 4):
         return _verdict(False, "", "这只是权重本身（4 字节/参数）；训练时还有同样大小的梯度，以及 AdamW 的两份状态（一阶、二阶矩）。")
-    return _verdict(_close(answer, gb, 0.02) or _close(answer, gib, 0.02),
-                    f"{n_trainable:,.0f} 个参数 × 16 字节（权重 4 + 梯度 4 + AdamW 两份状态 8）≈ {gb:.1f} GB，还没算激活值。",
+    return _verdict(_gb(answer, n_trainable * 16),
+                    f"{n_trainable:,.0f} 个参数 × 16 字节（权重 4 + 梯度 4 + AdamW 两份状态 8）"
+                    f"≈ {n_trainable * 16 / 1e9:.1f} GB，还没算激活值。",
                     "fp32 的权重、梯度各 4 字节，AdamW 为每个参数再存两份 4 字节的状态：一共 16 字节/参数。")

@@ -1,13 +1,5 @@
-"""What the training notebook shows about the model and the data, as plain text.
-
-- :func:`parameter_table`: parameters per part (vision tower, projection, LLM), trainable or frozen;
-- :func:`describe_sample`: one sample of a training batch as the LLM sees it: the chat text with the image block
-  folded, where the image block sits, and which tokens carry loss;
-- :func:`eval_images`: a few held-out images with their reference captions (the same split ``train`` evaluates on);
-- :func:`notebook_stage1_dir`: where ``04_stage1_training`` saves its run;
-- :func:`tensorboard_routes`: how to open TensorBoard from a local or a remote JupyterLab;
-- :func:`nearest_words`: for each patch of an image, the LLM vocabulary tokens nearest to its projected feature.
-"""
+"""What the training notebooks show about the model and the data: parameter tables, a training sample as the LLM
+sees it, held-out images, TensorBoard routes, and the LLM words nearest to each projected image patch."""
 from __future__ import annotations
 
 import os
@@ -17,20 +9,12 @@ from pathlib import Path
 from .process import IGNORE_INDEX, IMAGE_PAD, VISION_END, VISION_START
 
 
-def _count(module) -> tuple[int, int]:
-    """(all, trainable) parameters of a module (None counts as empty)."""
-    if module is None:
-        return 0, 0
-    params = list(module.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
-
 def parameter_counts(model) -> list[tuple[str, int, int]]:
-    """``[(part, parameters, trainable), ...]`` for the vision tower, the projection and the LLM."""
-    rows = [("视觉塔 Chinese-CLIP ViT", *_count(model.vision)),
-            ("投影层 projector", *_count(model.projector)),
-            ("语言模型 Qwen3", *_count(model.llm))]
-    return rows
+    """``[(part, parameters, trainable), ...]`` for the vision tower, the projection and the LLM (None: empty)."""
+    parts = {"视觉塔 Chinese-CLIP ViT": model.vision, "投影层 projector": model.projector, "语言模型 Qwen3": model.llm}
+    params = {name: list(m.parameters()) if m is not None else [] for name, m in parts.items()}
+    return [(name, sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad))
+            for name, ps in params.items()]
 
 
 def parameter_table(model) -> str:
@@ -38,12 +22,8 @@ def parameter_table(model) -> str:
     rows = parameter_counts(model)
     total, trainable = sum(r[1] for r in rows), sum(r[2] for r in rows)
     lines = [f"{'部分':<24}{'参数量':>14}{'可训练':>14}  状态"]
-    for name, n, t in rows:
-        state = "训练" if t else "冻结"
-        lines.append(f"{name:<24}{n:>14,}{t:>14,}  {state}")
-    lines.append(f"{'合计':<24}{total:>14,}{trainable:>14,}")
-    share = trainable / total if total else 0.0
-    lines.append(f"可训练参数占全部参数的 {share:.3%}")
+    lines += [f"{name:<24}{n:>14,}{t:>14,}  {'训练' if t else '冻结'}" for name, n, t in rows]
+    lines += [f"{'合计':<24}{total:>14,}{trainable:>14,}", f"可训练参数占全部参数的 {trainable / max(total, 1):.3%}"]
     return "\n".join(lines)
 
 
@@ -58,10 +38,8 @@ def _fold_image_block(text: str) -> str:
 
 
 def describe_sample(batch: dict, tokenizer, i: int = 0) -> str:
-    """Sample ``i`` of a training batch (``process.collate`` / ``data.make_collate``) as the LLM sees it.
-
-    The text between ``⟦`` and ``⟧`` is what carries loss (labels != -100); padding is left out.
-    """
+    """Sample ``i`` of a training batch as the LLM sees it: image block folded, the tokens that carry loss
+    (labels != -100) between ``⟦`` and ``⟧``, padding left out."""
     ids = batch["input_ids"][i]
     mask = batch["attention_mask"][i].bool()
     ids = ids[mask].tolist()
@@ -99,13 +77,9 @@ def eval_images(paths, n: int = 4):
     """``(images, captions)`` of the first ``n`` held-out samples: ``cache_dir/eval``, else the tail of
     ``cache_dir/train`` (the rule ``train`` uses when there is no separate eval split)."""
     from .data import CachedImageDataset
-    cache = Path(paths.cache_dir)
-    if (cache / "eval").exists():
-        ds = CachedImageDataset(cache / "eval", transform=None)
-        idx = list(range(min(n, len(ds))))
-    else:
-        ds = CachedImageDataset(cache / "train", transform=None)
-        idx = list(range(max(0, len(ds) - n), len(ds)))
+    held_out = (Path(paths.cache_dir) / "eval").exists()
+    ds = CachedImageDataset(Path(paths.cache_dir) / ("eval" if held_out else "train"), transform=None)
+    idx = range(min(n, len(ds))) if held_out else range(max(0, len(ds) - n), len(ds))
     return [ds.image(i) for i in idx], [ds.captions[i] for i in idx]
 
 
@@ -115,19 +89,16 @@ def notebook_stage1_dir(paths) -> Path:
 
 
 def tensorboard_routes(logdir, port: int = 6006, environ=None, has_server_proxy: bool | None = None) -> str:
-    """How to see TensorBoard from here, in Chinese: inline where the browser runs on this machine, else the routes
-    that work on a remote JupyterLab (``%tensorboard`` there shows a blank frame: the frame points at port ``port``
-    of the *browser's* machine)."""
+    """How to see TensorBoard from here. On a remote kernel ``%tensorboard`` shows a blank frame (it points at
+    ``port`` of the *browser's* machine), so name the routes that work there."""
     import importlib.util
     env = os.environ if environ is None else environ
     if has_server_proxy is None:
         has_server_proxy = importlib.util.find_spec("jupyter_server_proxy") is not None
     remote = any(env.get(k) for k in ("SSH_CONNECTION", "SSH_CLIENT", "JUPYTERHUB_API_URL", "KUBERNETES_SERVICE_HOST"))
-    lines = [f"TensorBoard 日志目录：{logdir}"]
-    if not remote:
-        lines.append("浏览器和内核在同一台机器上：下面的 %tensorboard 单元格会在笔记本里直接显示面板。")
-    else:
-        lines.append("这个内核运行在远程机器上：%tensorboard 在这里会显示空白框（它指向你自己电脑的端口）。可用的办法：")
+    lines = [f"TensorBoard 日志目录：{logdir}",
+             "这个内核运行在远程机器上：%tensorboard 在这里会显示空白框（它指向你自己电脑的端口）。可用的办法：" if remote
+             else "浏览器和内核在同一台机器上：下面的 %tensorboard 单元格会在笔记本里直接显示面板。"]
     proxy = "已安装" if has_server_proxy else "未安装，可运行 pip install jupyter-server-proxy 后重启 JupyterLab"
     lines += [f"  1. jupyter-server-proxy（{proxy}）：在终端运行 tensorboard --logdir {logdir} --port {port}，"
               f"再在浏览器里打开 JupyterLab 地址后面加 /proxy/{port}/ 的网址；",
@@ -160,39 +131,18 @@ def real_size_model(projector_type: str = "linear"):
 # ----------------------------------------------------------------------------------------------- alignment
 @dataclass(frozen=True)
 class PatchWords:
-    """For each of the ``grid x grid`` patches of one image (row-major, CLS left out), the ``k`` LLM vocabulary
-    tokens whose input embeddings are nearest (cosine) to the patch's projected feature."""
+    """Per patch of one image (row-major, CLS left out), the ``k`` LLM tokens nearest to its projected feature."""
     ids: list[list[int]]        # [patches][k] token ids, nearest first
     tokens: list[list[str]]     # [patches][k] the same, decoded
     scores: list[list[float]]   # [patches][k] cosine similarities
     grid: int
     n_candidates: int           # how many embedding rows were searched
 
-    def top(self, patch: int) -> str:
-        return self.tokens[patch][0]
-
-    def contains(self, patch: int, token_id: int, k: int | None = None) -> bool:
-        """Whether ``token_id`` is among the ``k`` (default: all) nearest tokens of ``patch``."""
-        return token_id in self.ids[patch][:k]
-
-
-def live_embedding_rows(embedding):
-    """Indices of the rows of an embedding matrix that are not all zero.
-
-    The mini Qwen3 trains only the ~130 rows its world uses and leaves the other 151,800 at exactly zero (their
-    cosine to anything is undefined); every row of a real LLM is live.
-    """
-    import torch
-    return torch.nonzero(embedding.detach().abs().amax(dim=1) > 0).squeeze(1)
-
 
 def nearest_words(model, tokenizer, image, k: int = 5) -> PatchWords:
-    """The LLM words nearest to each projected patch feature of ``image``: what "aligned to the embedding space" looks
-    like. ``image``: a PIL image or ``[3, H, W]`` pixels after ``process.clip_transform``.
-
-    Feature i+1 of the 197 (CLS first) is patch i; the projection's output at each patch is compared by cosine
-    with every live row of the LLM's *input* embedding table, the vectors the LLM reads at a text token.
-    """
+    """What "aligned to the embedding space" looks like: each patch's projected feature (feature i+1 of the 197 is
+    patch i) against every live row of the LLM's *input* embedding table, by cosine. ``image``: a PIL image or
+    ``[3, H, W]`` pixels after ``process.clip_transform``."""
     import torch
     import torch.nn.functional as F
 
@@ -201,7 +151,8 @@ def nearest_words(model, tokenizer, image, k: int = 5) -> PatchWords:
     with torch.no_grad():
         proj = model.project_images(pixels.unsqueeze(0))[0, 1:].float()        # [196, D_llm]
         emb = model.llm.get_input_embeddings().weight
-        rows = live_embedding_rows(emb).to(emb.device)
+        # The mini Qwen3 leaves the rows its world never uses at exactly zero (no cosine); a real LLM has none.
+        rows = torch.nonzero(emb.abs().amax(dim=1) > 0).squeeze(1)
         table = F.normalize(emb[rows].float(), dim=-1)                         # [V_live, D_llm]
         sims = F.normalize(proj.to(table.device), dim=-1) @ table.T            # [196, V_live]
         scores, idx = sims.topk(min(k, len(rows)), dim=-1)
@@ -223,29 +174,19 @@ def word_share(pw: PatchWords, patches, token_ids, k: int | None = None) -> floa
 
 
 def alignment_report(pw: PatchWords, regions, k: int | None = None, most: float = 0.5) -> str:
-    """Region by region: is each expected word among the ``k`` nearest tokens on at least ``most`` of its patches
-    (✓ / ✗, with the share)?
-
-    ``regions``: ``[(name, patches, {kind: token_ids}), ...]``, e.g. each object of a scene with its colour and
-    position words, and the background with the filler token (``mini.lm_train.image_word_regions``).
-    """
+    """Region by region, ✓ when an expected word is among the ``k`` nearest on at least ``most`` of its patches.
+    ``regions``: ``[(name, patches, {kind: token_ids}), ...]`` (``mini.lm_train.image_word_regions``)."""
     lines = []
     for name, patches, words in regions:
-        marks = []
-        for kind, ids in words.items():
-            share = word_share(pw, patches, ids, k)
-            marks.append(f"{kind} {'✓' if share >= most else '✗'}（{share:.0%}）")
-        lines.append(f"{name}（{len(patches)} 个图块）：" + "，".join(marks))
+        shares = {kind: word_share(pw, patches, ids, k) for kind, ids in words.items()}
+        lines.append(f"{name}（{len(patches)} 个图块）：" + "，".join(
+            f"{kind} {'✓' if share >= most else '✗'}（{share:.0%}）" for kind, share in shares.items()))
     return "\n".join(lines)
 
 
 def alignment_summary(words, regions, k: int | None = None, most: float = 0.5) -> str:
-    """The same over several images, patches pooled by kind: one stable line per kind (✓ when the word is among the
-    ``k`` nearest on at least ``most`` of all those patches; no exact shares, which move a little between machines).
-
-    ``words``: one :class:`PatchWords` per image; ``regions``: one region list per image, as in
-    :func:`alignment_report`.
-    """
+    """The same over several images (one :class:`PatchWords` and region list each), patches pooled by kind: one
+    line per kind, without exact shares (they move a little between machines)."""
     pooled: dict[str, list[int]] = {}
     for pw, regs in zip(words, regions, strict=True):
         for _, patches, expected in regs:

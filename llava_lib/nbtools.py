@@ -1,155 +1,99 @@
-"""Keep the course notebooks clean in git: no outputs except the reference outputs that nbval checks.
+"""Keep the course notebooks clean in git: no outputs or execution counts, except in the cells nbval checks.
 
-A code cell is *checked* when one of its lines is the comment ``# NBVAL_CHECK_OUTPUT`` (nbval's own rule) or its
-metadata has the tag ``nbval-check-output``; its outputs are the reference that ``pytest --nbval-lax`` compares
-against, so they stay, with a stable execution count (nbval skips nothing but refuses a reference cell with
-outputs and no count). Every other cell loses its outputs and its execution count (stripped by nbstripout).
+A *checked* cell (a line ``# NBVAL_CHECK_OUTPUT`` or the tag ``nbval-check-output``: nbval's own rule) keeps its
+outputs, the reference ``pytest --nbval-lax`` compares against, with a stable execution count (its position among
+the code cells): nbval refuses a reference cell with outputs and no count, and a stable one leaves no diff.
 
-    python -m llava_lib.nbtools strip notebooks/*.ipynb     # strip in place (keeps the checked cells' outputs)
+    python -m llava_lib.nbtools strip notebooks/*.ipynb     # strip in place (nbstripout)
     python -m llava_lib.nbtools check notebooks/*.ipynb     # exit 1 and list the cells that carry outputs
-    python -m llava_lib.nbtools refresh notebooks/*.ipynb   # execute, then strip: new reference outputs
-
-``refresh`` runs each notebook top to bottom in a fresh kernel (in the notebook's folder, so the notebooks run
-in name order: 05 finds what 04 trained) and keeps only the checked cells' new outputs.
+    python -m llava_lib.nbtools refresh notebooks/*.ipynb   # execute in the notebook's folder, then strip
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
 import nbformat
+import nbstripout
 
-CHECK_MARKER = "NBVAL_CHECK_OUTPUT"
-CHECK_TAG = "nbval-check-output"
-AS_VERSION = 4
-
-
-def is_checked(cell) -> bool:
-    """True for a code cell whose reference output nbval compares (``# NBVAL_CHECK_OUTPUT`` or the tag)."""
-    if cell.get("cell_type") != "code":
-        return False
-    if CHECK_TAG in (cell.get("metadata", {}).get("tags") or []):
-        return True
-    source = cell.get("source", "")
-    source = "".join(source) if isinstance(source, list) else source
-    for line in source.splitlines():
-        line = line.strip()
-        if line.startswith("#") and line.lstrip("#").strip() == CHECK_MARKER:
-            return True
-    return False
-
-
-# nbstripout's own defaults (its command line strips these): volatile notebook and cell metadata.
+# nbstripout's command-line defaults (its Python API takes none): volatile notebook and cell metadata.
 _EXTRA_KEYS = ["metadata.signature", "metadata.widgets", "cell.metadata.collapsed", "cell.metadata.ExecuteTime",
                "cell.metadata.execution", "cell.metadata.heading_collapsed", "cell.metadata.hidden",
                "cell.metadata.scrolled"]
 
 
-def strip_notebook(nb) -> int:
-    """Strip outputs and execution counts in place, except in checked cells; returns how many cells changed.
+def _marked(cell, comment: str, tag: str) -> bool:
+    """nbval's rule: a code cell with the tag, or with a line that is the comment ``# <comment>``."""
+    return cell.get("cell_type") == "code" and (
+        tag in cell.get("metadata", {}).get("tags", [])
+        or any(s.startswith("#") and s.lstrip("#").strip() == comment
+               for s in (line.strip() for line in cell.source.splitlines())))
 
-    nbstripout does the stripping; a checked cell is marked for it with ``keep_output`` for the time of the call
-    (nbstripout's per-cell switch), so the committed notebook carries no extra metadata. A checked cell then gets a
-    stable execution count (its 1-based position among the code cells): nbval refuses a reference cell that has
-    outputs but no count ("unrun"), and a stable number means a re-run leaves no diff.
-    """
-    import nbstripout
 
-    before = [repr(cell) for cell in nb.cells]
-    marked = []
-    for cell in nb.cells:
-        if is_checked(cell) and "keep_output" not in cell.get("metadata", {}):
-            cell.setdefault("metadata", {})["keep_output"] = True
-            marked.append(cell)
+def is_checked(cell) -> bool:
+    return _marked(cell, "NBVAL_CHECK_OUTPUT", "nbval-check-output")
+
+
+def strip_notebook(nb) -> None:
+    """Strip in place with nbstripout, checked cells marked ``keep_output`` (its per-cell switch) for the call."""
+    marked = [c for c in nb.cells if is_checked(c) and "keep_output" not in c.metadata]
+    for cell in marked:
+        cell.metadata["keep_output"] = True
     try:
         nbstripout.strip_output(nb, keep_output=False, keep_count=False, keep_id=True, extra_keys=_EXTRA_KEYS)
     finally:
         for cell in marked:
-            del cell["metadata"]["keep_output"]
-    code_index = 0
-    for cell in nb.cells:
-        if cell.get("cell_type") != "code":
-            continue
-        code_index += 1
-        if is_checked(cell) and cell.get("outputs"):
-            cell["execution_count"] = code_index
-            for out in cell["outputs"]:
+            del cell.metadata["keep_output"]
+    for n, cell in enumerate((c for c in nb.cells if c.cell_type == "code"), 1):
+        if is_checked(cell) and cell.outputs:
+            cell.execution_count = n
+            for out in cell.outputs:
                 if "execution_count" in out:
-                    out["execution_count"] = code_index
-    return sum(repr(cell) != old for cell, old in zip(nb.cells, before))
+                    out.execution_count = n
 
 
 def dirty_cells(nb) -> list[str]:
-    """Descriptions of the cells that carry what a committed notebook must not (empty list: clean)."""
-    problems = []
-    code_index = 0
-    for i, cell in enumerate(nb.cells):
-        if cell.get("cell_type") != "code":
-            continue
-        code_index += 1
-        first = (cell.get("source") or "").strip().splitlines()[:1]
-        where = f"第 {i} 个单元格（代码单元 {code_index}：{first[0][:40] if first else ''!r}）"
-        if is_checked(cell) and cell.get("outputs"):
-            counts = {cell.get("execution_count")} | {o["execution_count"] for o in cell["outputs"]
-                                                      if "execution_count" in o}
-            if counts != {code_index}:
-                problems.append(f"{where} 是检查单元格，执行计数应为 {code_index}（nbval 需要它），实际是 {sorted(counts, key=str)}")
-            continue
-        if cell.get("execution_count") is not None:
-            problems.append(f"{where} 带有执行计数 {cell['execution_count']}")
-        if cell.get("outputs"):
-            problems.append(f"{where} 带有输出，但没有 # {CHECK_MARKER} 标记")
-    if "widgets" in nb.metadata:
-        problems.append("notebook 元数据里保存了控件状态（metadata.widgets）")
+    """What ``strip`` would change, one line per cell (empty: clean)."""
+    clean = copy.deepcopy(nb)
+    strip_notebook(clean)
+    problems = [f"第 {i} 个单元格（{cell.source.strip()[:40]!r}）"
+                + (f"是检查单元格，执行计数应为 {want.execution_count}" if is_checked(cell)
+                   else "带有输出、执行计数或多余的元数据（没有 # NBVAL_CHECK_OUTPUT 标记）")
+                for i, (cell, want) in enumerate(zip(nb.cells, clean.cells)) if cell != want]
+    if nb.metadata != clean.metadata:
+        problems.append("notebook 元数据里保存了控件状态（metadata.widgets）等不该提交的内容")
     return problems
 
 
-def strip_file(path, check_only: bool = False) -> int:
-    """Strip one notebook file (rewritten only if something changed); returns the number of changed cells."""
-    path = Path(path)
-    nb = nbformat.read(path, as_version=AS_VERSION)
-    original = nbformat.writes(nb)
-    changed = strip_notebook(nb)
-    text = nbformat.writes(nb)
-    if not check_only and text != original:
-        path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-    return changed
-
-
-def is_skipped(cell) -> bool:
-    """True for a cell nbval skips (``# NBVAL_SKIP`` or the tag ``nbval-skip``): e.g. a TensorBoard server."""
-    if "nbval-skip" in (cell.get("metadata", {}).get("tags") or []):
-        return True
-    return any(line.strip().startswith("#") and line.strip().lstrip("#").strip() == "NBVAL_SKIP"
-               for line in (cell.get("source") or "").splitlines())
+def strip_file(path) -> int:
+    """Strip one notebook file in place (rewritten only if needed); returns how many problems it fixed."""
+    nb = nbformat.read(path, as_version=4)
+    problems = dirty_cells(nb)
+    if problems:
+        strip_notebook(nb)
+        nbformat.write(nb, path)
+    return len(problems)
 
 
 def execute_file(path, timeout: int = 1200, kernel_name: str = "python3") -> None:
-    """Run a notebook top to bottom in a fresh kernel (its folder as working directory), like nbval does, and
-    store the new outputs of the checked cells; everything else stays as it was, stripped.
-
-    Cells nbval skips are not run here either.
-    """
-    import copy
-
+    """Run a notebook top to bottom in a fresh kernel in its folder, as nbval does (skipping the cells nbval skips),
+    and keep the checked cells' new outputs."""
     from nbclient import NotebookClient
     path = Path(path).resolve()
-    nb = nbformat.read(path, as_version=AS_VERSION)
+    nb = nbformat.read(path, as_version=4)
     run = copy.deepcopy(nb)
-    skip_tag = "llava-nbtools-skip"
     for cell in run.cells:
-        if is_skipped(cell):
-            cell.setdefault("metadata", {}).setdefault("tags", []).append(skip_tag)
-    client = NotebookClient(run, timeout=timeout, kernel_name=kernel_name, skip_cells_with_tag=skip_tag,
-                            resources={"metadata": {"path": str(path.parent)}})
-    client.execute()
+        if _marked(cell, "NBVAL_SKIP", "nbval-skip"):
+            cell.metadata.setdefault("tags", []).append("nbval-skip")
+    NotebookClient(run, timeout=timeout, kernel_name=kernel_name, skip_cells_with_tag="nbval-skip",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
     for cell, done in zip(nb.cells, run.cells):
         if is_checked(cell):
-            cell["outputs"] = done.get("outputs", [])
+            cell.outputs = done.get("outputs", [])
     strip_notebook(nb)
-    text = nbformat.writes(nb)
-    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    nbformat.write(nb, path)
 
 
 def main(argv=None) -> int:
@@ -168,16 +112,18 @@ def main(argv=None) -> int:
     for path in sorted(args.notebooks):
         if args.cmd == "strip":
             n = strip_file(path)
-            print(f"{path}: 清理了 {n} 个单元格" if n else f"{path}: 已经是干净的")
+            print(f"{path}: 清理了 {n} 处" if n else f"{path}: 已经是干净的")
         elif args.cmd == "check":
-            problems = dirty_cells(nbformat.read(path, as_version=AS_VERSION))
+            problems = dirty_cells(nbformat.read(path, as_version=4))
             for prob in problems:
                 print(f"{path}: {prob}")
-            status = status or (1 if problems else 0)
+            status = status or int(bool(problems))
         else:
             print(f"{path}: 执行中 ...", flush=True)
             execute_file(path, timeout=args.timeout)
             print(f"{path}: 已执行并清理")
+    if status:
+        print("请运行 python -m llava_lib.nbtools strip 清理这些笔记本。")
     return status
 
 

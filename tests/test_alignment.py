@@ -104,7 +104,7 @@ def test_nearest_words_finds_an_embedding_row_written_as_a_patch(qwen_tokenizer)
     pw = explain.nearest_words(model, qwen_tokenizer, torch.zeros(3, 224, 224), k=3)
     assert pw.n_candidates == 1000 and pw.grid == 14
     assert all(row[0] == 321 for row in pw.ids)
-    assert pw.scores[0][0] == pytest.approx(1.0, abs=1e-5) and pw.top(0) == qwen_tokenizer.decode([321])
+    assert pw.scores[0][0] == pytest.approx(1.0, abs=1e-5) and pw.tokens[0][0] == qwen_tokenizer.decode([321])
 
 
 def test_word_share_and_report_count_patches():
