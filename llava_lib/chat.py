@@ -206,12 +206,3 @@ def answer_turns(model, tokenizer, image, messages: list[dict], max_new_tokens: 
         session.history = history
         out.append((session.ask(question), reference))
     return out
-
-
-def split_thinking(text: str) -> tuple[str, str]:
-    """(thinking, answer) of a reply that may start with ``<think>...</think>``."""
-    if "<think>" not in text:
-        return "", text
-    head, _, rest = text.partition("<think>")
-    thinking, closed, answer = rest.partition("</think>")
-    return thinking.strip("\n"), (head + answer).lstrip("\n") if closed else ""
