@@ -206,3 +206,36 @@ def answer_turns(model, tokenizer, image, messages: list[dict], max_new_tokens: 
         session.history = history
         out.append((session.ask(question), reference))
     return out
+
+
+def answer_prompts(conversation: list[dict]) -> list[tuple[list[dict], str]]:
+    """``(messages, reference)`` per assistant turn, as ``chat.answer_turns`` asks them (the image in turn one)."""
+    out = []
+    for history, question, reference in qa_turns(conversation):
+        msgs = history + [{"role": "user", "content": question}]
+        msgs[0] = {**msgs[0], "content": f"{IMAGE_MARKER}\n{msgs[0]['content']}"}
+        out.append((msgs, reference))
+    return out
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, images, conversations, max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy replies to ``conversations`` (each ending with a user turn, its image in ``images``), in batches.
+    Rows are left-padded; ``generate`` derives the position ids from the mask, so a row decodes as it would alone."""
+    config = chat_generation_config(model.llm, False, do_sample=False, max_new_tokens=max_new_tokens)
+    was_training, out = model.training, []
+    model.eval()
+    for s in range(0, len(images), batch_size):
+        rows = [encode_conversation(tokenizer, c, model.num_image_tokens, add_generation_prompt=True)[0]
+                for c in conversations[s:s + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, r in enumerate(rows):
+            ids[b, width - len(r):], mask[b, width - len(r):] = torch.tensor(r), 1
+        pixels = torch.stack([clip_transform(im) for im in images[s:s + batch_size]])
+        embeds = model.embed(ids.to(model.device), pixels)
+        new = model.llm.generate(inputs_embeds=embeds, attention_mask=mask.to(model.device), generation_config=config)
+        out += tokenizer.batch_decode(new, skip_special_tokens=True)
+    model.train(was_training)
+    return out

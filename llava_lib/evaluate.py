@@ -5,7 +5,7 @@ Stage 1: a caption of each of the first ``caption_eval_n`` held-out images; Stag
 budget as the trainer's ``*_accuracy_after``. Scores: the profile's accuracy check (mini world), BLEU-4 and CIDEr
 over characters (pycocoevalcap's scorers, as COCO captions are scored), and for captions the reference-free
 CLIPScore ``2.5 * max(cos, 0)`` by the Chinese-CLIP model itself. The same replies are also timed one by one
-through the chat loop (``train.generate_captions`` / ``generate_answers``) for the speed-up of batching.
+through the chat loop (``chat.caption`` / ``answer_turns``) for the speed-up of batching.
 
 Batched rows are left-padded; ``generate`` derives the position ids from the attention mask, so a padded row
 decodes as it would alone.
@@ -25,9 +25,9 @@ import torch
 
 from . import config as cfg_mod
 from . import train
+from .chat import answer_prompts, answer_turns, caption, generate_batch
 from .model.checkpoint import META
-from .chat import qa_turns
-from .process import IMAGE_MARKER, caption_conversation, clip_transform, encode_conversation
+from .process import caption_conversation
 
 MAX_NEW_TOKENS = {1: 48, 2: 32}  # the trainer's caption / answer budgets
 DEFAULT_N = {1: 100, 2: 50}      # when the run's config measured none
@@ -79,39 +79,6 @@ def load(checkpoint, profile: str | None = None, device=None):
 
 
 # ---------------------------------------------------------------------------------------- generation
-def answer_prompts(conversation: list[dict]) -> list[tuple[list[dict], str]]:
-    """``(messages, reference)`` per assistant turn, as ``chat.answer_turns`` asks them (the image in turn one)."""
-    out = []
-    for history, question, reference in qa_turns(conversation):
-        msgs = history + [{"role": "user", "content": question}]
-        msgs[0] = {**msgs[0], "content": f"{IMAGE_MARKER}\n{msgs[0]['content']}"}
-        out.append((msgs, reference))
-    return out
-
-
-@torch.no_grad()
-def generate_batch(model, tokenizer, images, conversations, max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy replies to ``conversations`` (each ending with a user turn, its image in ``images``), in batches."""
-    from .chat import chat_generation_config
-    config = chat_generation_config(model.llm, False, do_sample=False, max_new_tokens=max_new_tokens)
-    was_training, out = model.training, []
-    model.eval()
-    for s in range(0, len(images), batch_size):
-        rows = [encode_conversation(tokenizer, c, model.num_image_tokens, add_generation_prompt=True)[0]
-                for c in conversations[s:s + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), config.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, r in enumerate(rows):
-            ids[b, width - len(r):], mask[b, width - len(r):] = torch.tensor(r), 1
-        pixels = torch.stack([clip_transform(im) for im in images[s:s + batch_size]])
-        embeds = model.embed(ids.to(model.device), pixels)
-        new = model.llm.generate(inputs_embeds=embeds, attention_mask=mask.to(model.device), generation_config=config)
-        out += tokenizer.batch_decode(new, skip_special_tokens=True)
-    model.train(was_training)
-    return out
-
-
 # ------------------------------------------------------------------------------------------- scores
 def char_scores(pairs) -> dict:
     """Corpus BLEU-4 and CIDEr-D of ``(generated, reference)`` pairs over characters (pycocoevalcap)."""
@@ -149,13 +116,15 @@ def evaluate(model, tokenizer, cfg: cfg_mod.TrainConfig, n: int | None = None, b
         idx = idx[:n or cfg.caption_eval_n or DEFAULT_N[1]]
         images, refs = [ds.image(i) for i in idx], [ds.captions[i] for i in idx]
         convs = [caption_conversation(None)] * len(idx)
-        one_by_one, metric = train.generate_captions, cfg.caption_metric
+        metric = cfg.caption_metric
+        one_by_one = lambda i: [(caption(model, tokenizer, ds.image(i), max_new_tokens=MAX_NEW_TOKENS[1]), "")]
     else:
         ds, _, _, idx, _ = train.stage2_data(paths, cfg)
         idx = idx[:n or cfg.answer_eval_n or DEFAULT_N[2]]
         items = [(ds.image(i), m, r) for i in idx for m, r in answer_prompts(ds.conversations[i])]
         images, convs, refs = map(list, zip(*items))
-        one_by_one, metric = train.generate_answers, cfg.answer_metric
+        metric = cfg.answer_metric
+        one_by_one = lambda i: answer_turns(model, tokenizer, ds.image(i), ds.conversations[i], MAX_NEW_TOKENS[2])
     generate_batch(model, tokenizer, images[:1], convs[:1], 2)  # one-time costs out of the timing
     t0 = time.perf_counter()
     generated = generate_batch(model, tokenizer, images, convs, MAX_NEW_TOKENS[stage], batch_size)
@@ -164,7 +133,7 @@ def evaluate(model, tokenizer, cfg: cfg_mod.TrainConfig, n: int | None = None, b
     if sequential_n:
         sub = idx[:sequential_n]
         t0 = time.perf_counter()
-        seq = one_by_one(model, tokenizer, ds, sub, MAX_NEW_TOKENS[stage])
+        seq = [pair for i in sub for pair in one_by_one(i)]
         speed.update(one_by_one_per_s=len(seq) / (time.perf_counter() - t0), one_by_one_n=len(seq),
                      same_as_one_by_one=sum(a == g for (a, _), g in zip(seq, generated)))
         speed["speedup"] = speed["batched_per_s"] / speed["one_by_one_per_s"]

@@ -172,11 +172,12 @@ def _eval_mode(model):
 
 
 def generate_captions(model, tokenizer, dataset, indices, max_new_tokens: int = 48) -> list[tuple[str, str]]:
-    """(generated, reference) for the given eval samples, greedy."""
-    from .chat import caption
-    with _eval_mode(model):
-        return [(caption(model, tokenizer, dataset.image(i), max_new_tokens=max_new_tokens), dataset.captions[i])
-                for i in indices]
+    """(generated, reference) for the given eval samples, greedy, in batches (the chat path's replies)."""
+    from .chat import generate_batch
+    from .process import caption_conversation
+    images = [dataset.image(i) for i in indices]
+    return list(zip(generate_batch(model, tokenizer, images, [caption_conversation(None)] * len(images), max_new_tokens),
+                    [dataset.captions[i] for i in indices]))
 
 
 def caption_accuracy(pairs, metric) -> float | None:
@@ -185,12 +186,12 @@ def caption_accuracy(pairs, metric) -> float | None:
 
 
 def generate_answers(model, tokenizer, dataset, indices, max_new_tokens: int = 32) -> list[tuple[str, str]]:
-    """(generated, reference) for every assistant turn of the given conversations, greedy; the reference turns
-    before each answer are its history."""
-    from .chat import answer_turns
-    with _eval_mode(model):
-        return [pair for i in indices for pair in
-                answer_turns(model, tokenizer, dataset.image(i), dataset.conversations[i], max_new_tokens)]
+    """(generated, reference) for every assistant turn of the given conversations, greedy, in batches; the
+    reference turns before each answer are its history (as ``chat.answer_turns``)."""
+    from .chat import answer_prompts, generate_batch
+    items = [(dataset.image(i), m, r) for i in indices for m, r in answer_prompts(dataset.conversations[i])]
+    images, convs, refs = map(list, zip(*items)) if items else ([], [], [])
+    return list(zip(generate_batch(model, tokenizer, images, convs, max_new_tokens), refs))
 
 
 # ----------------------------------------------------------------------------------------- checkpoints

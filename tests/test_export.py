@@ -175,7 +175,7 @@ def test_stage1_export_and_evaluation_match_the_chat_path_and_the_trainer(stage1
 @pytest.mark.slow
 def test_stage2_export_answers_two_turns_like_the_chat_path(stage2_run, tmp_path):
     from llava_lib import evaluate, train
-    from llava_lib.chat import ChatSession
+    from llava_lib.chat import ChatSession, answer_turns
     from llava_lib.export import export
     from llava_lib.mini.qa import answer_is_correct
     model, tok, cfg = evaluate.load(stage2_run, device="cpu")
@@ -188,8 +188,8 @@ def test_stage2_export_answers_two_turns_like_the_chat_path(stage2_run, tmp_path
             ours[k].append(session.ask(q))
     assert len(set(ours[0] + ours[1])) > 3
 
-    # Batched answers over held-out conversations (with their reference history) equal the trainer's loop.
-    pairs = train.generate_answers(model, tok, ds, idx[:4], evaluate.MAX_NEW_TOKENS[2])
+    # Batched answers over held-out conversations (with their reference history) equal the chat path's.
+    pairs = [p for i in idx[:4] for p in answer_turns(model, tok, ds.image(i), ds.conversations[i], 32)]
     result = evaluate.evaluate(model, tok, cfg, n=4, sequential_n=0)
     assert [(r["generated"], r["reference"]) for r in result["replies"]] == pairs
     assert result["metrics"]["answer_accuracy"] == train.caption_accuracy(pairs, answer_is_correct)
