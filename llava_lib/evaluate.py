@@ -6,9 +6,6 @@ budget as the trainer's ``*_accuracy_after``. Scores: the profile's accuracy che
 over characters (pycocoevalcap's scorers, as COCO captions are scored), and for captions the reference-free
 CLIPScore ``2.5 * max(cos, 0)`` by the Chinese-CLIP model itself. The same replies are also timed one by one
 through the chat loop (``chat.caption`` / ``answer_turns``) for the speed-up of batching.
-
-Batched rows are left-padded; ``generate`` derives the position ids from the attention mask, so a padded row
-decodes as it would alone.
 """
 from __future__ import annotations
 
@@ -25,9 +22,8 @@ import torch
 
 from . import config as cfg_mod
 from . import train
-from .chat import answer_prompts, answer_turns, caption, generate_batch
+from .chat import answer_turns, caption
 from .model.checkpoint import META
-from .process import caption_conversation
 
 MAX_NEW_TOKENS = {1: 48, 2: 32}  # the trainer's caption / answer budgets
 DEFAULT_N = {1: 100, 2: 50}      # when the run's config measured none
@@ -78,7 +74,6 @@ def load(checkpoint, profile: str | None = None, device=None):
     return model, tok, cfg
 
 
-# ---------------------------------------------------------------------------------------- generation
 # ------------------------------------------------------------------------------------------- scores
 def char_scores(pairs) -> dict:
     """Corpus BLEU-4 and CIDEr-D of ``(generated, reference)`` pairs over characters (pycocoevalcap)."""
@@ -114,22 +109,18 @@ def evaluate(model, tokenizer, cfg: cfg_mod.TrainConfig, n: int | None = None, b
     if stage == 1:
         _, _, ds, idx, _ = train.stage1_data(paths, cfg)
         idx = idx[:n or cfg.caption_eval_n or DEFAULT_N[1]]
-        images, refs = [ds.image(i) for i in idx], [ds.captions[i] for i in idx]
-        convs = [caption_conversation(None)] * len(idx)
-        metric = cfg.caption_metric
+        generate, metric = train.generate_captions, cfg.caption_metric
         one_by_one = lambda i: [(caption(model, tokenizer, ds.image(i), max_new_tokens=MAX_NEW_TOKENS[1]), "")]
     else:
         ds, _, _, idx, _ = train.stage2_data(paths, cfg)
         idx = idx[:n or cfg.answer_eval_n or DEFAULT_N[2]]
-        items = [(ds.image(i), m, r) for i in idx for m, r in answer_prompts(ds.conversations[i])]
-        images, convs, refs = map(list, zip(*items))
-        metric = cfg.answer_metric
+        generate, metric = train.generate_answers, cfg.answer_metric
         one_by_one = lambda i: answer_turns(model, tokenizer, ds.image(i), ds.conversations[i], MAX_NEW_TOKENS[2])
-    generate_batch(model, tokenizer, images[:1], convs[:1], 2)  # one-time costs out of the timing
+    generate(model, tokenizer, ds, idx[:1], 2)  # one-time costs out of the timing
     t0 = time.perf_counter()
-    generated = generate_batch(model, tokenizer, images, convs, MAX_NEW_TOKENS[stage], batch_size)
-    speed = {"batched_per_s": len(generated) / (time.perf_counter() - t0), "batch_size": batch_size}
-    pairs = list(zip(generated, refs))
+    pairs = generate(model, tokenizer, ds, idx, MAX_NEW_TOKENS[stage], batch_size)
+    speed = {"batched_per_s": len(pairs) / (time.perf_counter() - t0), "batch_size": batch_size}
+    generated = [g for g, _ in pairs]
     if sequential_n:
         sub = idx[:sequential_n]
         t0 = time.perf_counter()
@@ -141,7 +132,7 @@ def evaluate(model, tokenizer, cfg: cfg_mod.TrainConfig, n: int | None = None, b
     metrics = {f"{name}_accuracy": train.caption_accuracy(pairs, train.load_hook(metric))} if metric else {}
     metrics |= char_scores(pairs)
     if clipscore and stage == 1 and Path(paths.clip_path).exists():
-        metrics |= clip_scores(paths.clip_path, images, pairs, model.device)
+        metrics |= clip_scores(paths.clip_path, [ds.image(i) for i in idx], pairs, model.device)
     return {"stage": stage, "profile": cfg.profile, "n": len(pairs), "n_sources": len(idx),
             "max_new_tokens": MAX_NEW_TOKENS[stage],
             "metrics": metrics, "speed": speed, "replies": [{"generated": g, "reference": r} for g, r in pairs]}

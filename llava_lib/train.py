@@ -171,12 +171,13 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def generate_captions(model, tokenizer, dataset, indices, max_new_tokens: int = 48) -> list[tuple[str, str]]:
+def generate_captions(model, tokenizer, dataset, indices, max_new_tokens: int = 48,
+                      batch_size: int = 32) -> list[tuple[str, str]]:
     """(generated, reference) for the given eval samples, greedy, in batches (the chat path's replies)."""
     from .chat import generate_batch
     from .process import caption_conversation
-    images = [dataset.image(i) for i in indices]
-    return list(zip(generate_batch(model, tokenizer, images, [caption_conversation(None)] * len(images), max_new_tokens),
+    images, prompts = [dataset.image(i) for i in indices], [caption_conversation(None)] * len(indices)
+    return list(zip(generate_batch(model, tokenizer, images, prompts, max_new_tokens, batch_size),
                     [dataset.captions[i] for i in indices]))
 
 
@@ -185,13 +186,14 @@ def caption_accuracy(pairs, metric) -> float | None:
     return sum(bool(metric(g, r)) for g, r in pairs) / len(pairs) if pairs else None
 
 
-def generate_answers(model, tokenizer, dataset, indices, max_new_tokens: int = 32) -> list[tuple[str, str]]:
+def generate_answers(model, tokenizer, dataset, indices, max_new_tokens: int = 32,
+                     batch_size: int = 32) -> list[tuple[str, str]]:
     """(generated, reference) for every assistant turn of the given conversations, greedy, in batches; the
     reference turns before each answer are its history (as ``chat.answer_turns``)."""
     from .chat import answer_prompts, generate_batch
     items = [(dataset.image(i), m, r) for i in indices for m, r in answer_prompts(dataset.conversations[i])]
     images, convs, refs = map(list, zip(*items)) if items else ([], [], [])
-    return list(zip(generate_batch(model, tokenizer, images, convs, max_new_tokens), refs))
+    return list(zip(generate_batch(model, tokenizer, images, convs, max_new_tokens, batch_size), refs))
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
