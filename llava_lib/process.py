@@ -39,11 +39,9 @@ def num_image_tokens(image_size: int = IMAGE_SIZE, patch_size: int = 16) -> int:
 
 # ----------------------------------------------------------------------------------------------- images
 def resize_square(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
-    """The whole image squashed to ``size`` x ``size`` (bicubic); RGB out.
-
-    The one geometry of the vision tower, for training, chat and matching alike: Chinese-CLIP was pretrained on
-    images resized this way (no crop), and a centre crop of a 3:2 SA-1B photo would drop a third of it, often
-    the part the caption talks about. The aspect ratio changes; CLIP has seen that throughout its pretraining.
+    """The whole image squashed to ``size`` x ``size`` (bicubic), RGB: the one geometry of the vision tower, for
+    training, chat and matching alike. Chinese-CLIP was pretrained on images resized this way (no crop, aspect ratio
+    changed), and a centre crop of a 3:2 SA-1B photo would drop a third of it, often the part the caption talks about.
     """
     image = image.convert("RGB")
     if image.size != (size, size):
@@ -105,12 +103,10 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def assistant_label_mask(ids: Sequence[int], tokenizer, learn_thinking: bool = False) -> list[bool]:
-    """True at the tokens that carry loss: each assistant turn's content and its closing ``<|im_end|>``.
-
-    The turn header (``<|im_start|>assistant\\n``) and the think block are not learned: Stage 1 teaches the
-    answer, and the template writes the (empty) think block itself. ``learn_thinking=True`` (used to pretrain the
-    mini LM) also learns a think block that has content.
-    """
+    """True at the tokens that carry loss: each assistant turn's content and its closing ``<|im_end|>``. The turn
+    header (``<|im_start|>assistant\\n``) and the think block are not learned: Stage 1 teaches the answer, and the
+    template writes the (empty) think block itself. ``learn_thinking=True`` (to pretrain the mini LM) also learns a
+    think block that has content."""
     im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     think, end_think = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
     header = _ids(tokenizer, "assistant\n")
@@ -141,11 +137,8 @@ def assistant_label_mask(ids: Sequence[int], tokenizer, learn_thinking: bool = F
 def encode_conversation(tokenizer, messages: Sequence[dict], n_image_tokens: int, max_text_tokens: int | None = None,
                         add_generation_prompt: bool = False, enable_thinking: bool = False,
                         learn_thinking: bool = False) -> tuple[list[int], list[int]]:
-    """Token ids and labels (``-100`` where no loss) of one conversation.
-
-    ``max_text_tokens`` bounds the tokens outside the image block (the course's "text length 128"); the image
-    block is never cut, the end of the text is.
-    """
+    """Token ids and labels (``-100`` where no loss) of one conversation. ``max_text_tokens`` bounds the tokens
+    outside the image block (the course's "text length 128"): the image block is never cut, the end of the text is."""
     text = render_chat(tokenizer, messages, n_image_tokens, add_generation_prompt, enable_thinking)
     ids = _ids(tokenizer, text)
     mask = assistant_label_mask(ids, tokenizer, learn_thinking)
@@ -158,12 +151,10 @@ def encode_conversation(tokenizer, messages: Sequence[dict], n_image_tokens: int
 
 def collate(tokenizer, samples: Sequence[dict], n_image_tokens: int, max_text_tokens: int | None = None,
             prompt: str = DEFAULT_PROMPT) -> dict[str, torch.Tensor]:
-    """Samples -> one right-padded training batch.
-
-    Each sample has ``pixel_values`` (``[3,H,W]``, or None for a text-only sample) and either ``messages`` or a
-    ``caption`` (turned into :func:`caption_conversation`). Returns ``input_ids``, ``attention_mask``, ``labels``
-    ``[B, T]`` and ``pixel_values`` ``[N_img, 3, H, W]`` for the samples that have an image, in order (or None).
-    """
+    """Samples -> one right-padded training batch. Each sample has ``pixel_values`` (``[3,H,W]``, or None for a
+    text-only sample) and either ``messages`` or a ``caption`` (turned into :func:`caption_conversation`). Returns
+    ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` and ``pixel_values`` ``[N_img, 3, H, W]`` for the samples
+    that have an image, in order (or None)."""
     seqs, pixels = [], []
     for s in samples:
         messages = s.get("messages") or caption_conversation(s["caption"], prompt)
@@ -181,9 +172,5 @@ def collate(tokenizer, samples: Sequence[dict], n_image_tokens: int, max_text_to
         input_ids[b, :len(ids)] = torch.tensor(ids)
         labels[b, :len(lab)] = torch.tensor(lab)
         attention_mask[b, :len(ids)] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "pixel_values": torch.stack(pixels) if pixels else None,
-    }
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "pixel_values": torch.stack(pixels) if pixels else None}

@@ -1,13 +1,7 @@
 """Chinese-CLIP matching over a folder of images: text -> images and image -> captions (``02_clip_matching``).
 
 Both sides are embedded with the whole ``ChineseCLIPModel`` (the towers plus their projections), L2-normalised,
-and compared by cosine similarity, which after normalisation is a plain dot product::
-
-    matcher = ClipMatcher.from_pretrained(paths.clip_path)
-    examples = read_examples("data_example")               # NNNN.jpg + NNNN.txt
-    image_emb = matcher.encode_images(examples.images())  # [N, D], unit length
-    scores = matcher.text_scores(["一个红色的圆形"], image_emb)[0]   # [N], cosine similarities
-    top_k(scores, 5)                                       # [Match(index, score), ...], best first
+and compared by cosine similarity, which after normalisation is a plain dot product.
 """
 from __future__ import annotations
 
@@ -46,7 +40,7 @@ class ExampleFolder:
         return [self.image(i) for i in range(len(self))]
 
 
-def read_examples(folder, limit: int | None = None) -> ExampleFolder:
+def read_examples(folder) -> ExampleFolder:
     """The example images of ``folder`` with their captions; a clear error if there are none."""
     folder = Path(folder).expanduser()
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
@@ -54,12 +48,8 @@ def read_examples(folder, limit: int | None = None) -> ExampleFolder:
         raise FileNotFoundError(
             f"在 {folder} 中没有找到示例图片（*.jpg / *.png）。迷你世界的示例图片可以用 "
             f"`python -m llava_lib.mini examples` 生成。")
-    paths = paths[:limit] if limit is not None else paths
-    captions = []
-    for p in paths:
-        txt = p.with_suffix(".txt")
-        captions.append(txt.read_text(encoding="utf-8").strip() if txt.is_file() else "")
-    return ExampleFolder(paths, captions)
+    txts = [p.with_suffix(".txt") for p in paths]
+    return ExampleFolder(paths, [t.read_text(encoding="utf-8").strip() if t.is_file() else "" for t in txts])
 
 
 @dataclass(frozen=True)
@@ -83,10 +73,7 @@ def top_k(scores: torch.Tensor | Sequence[float], k: int = 5) -> list[Match]:
 
 
 class ClipMatcher:
-    """A ``ChineseCLIPModel`` with its processor's BERT tokenizer, frozen, for matching.
-
-    Images go through ``process.clip_transform``, the same preprocessing as training and chat.
-    """
+    """A frozen ``ChineseCLIPModel`` with its processor's BERT tokenizer, for matching."""
 
     def __init__(self, model, processor, max_text_tokens: int = 64):
         self.model = model.eval()
@@ -137,10 +124,6 @@ class ClipMatcher:
     def text_scores(self, texts: Sequence[str], image_embeddings: torch.Tensor) -> torch.Tensor:
         """``[len(texts), N]`` cosine similarities of each text with each image."""
         return cosine_similarities(self.encode_texts(texts), image_embeddings)
-
-    def image_scores(self, images: Sequence[Image.Image], text_embeddings: torch.Tensor) -> torch.Tensor:
-        """``[len(images), N]`` cosine similarities of each image with each text."""
-        return cosine_similarities(self.encode_images(images), text_embeddings)
 
 
 def retrieval_accuracy(scores: torch.Tensor, k: int = 1) -> float:

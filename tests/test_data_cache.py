@@ -187,7 +187,7 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
         assert len(ids) == len(set(ids)) and set(ids) == set(good)  # each good row exactly once
         assert dict(rows) == {rid: cap for rid, (_, cap) in good.items()}
         assert {rid: r["reason"] for rid, r in load_failures(out).items()} == faults
-        assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # no torn shard left behind
+        assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no torn shard left behind
         # Rows already in complete shards were not fetched again.
         assert all(server.hits[path] == n for path, n in hits_before.items())
     finally:

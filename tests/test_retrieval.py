@@ -50,7 +50,7 @@ def test_embeddings_are_unit_length_and_deterministic(tiny_clip_dir):
     torch.testing.assert_close(t.norm(dim=-1), torch.ones(4))
     scores = m.text_scores(CAPTIONS[:2], a)
     assert scores.shape == (2, 4) and float(scores.abs().max()) <= 1.0 + 1e-5
-    torch.testing.assert_close(m.image_scores(imgs[:1], t), cosine_similarities(a[:1], t))
+    torch.testing.assert_close(scores, cosine_similarities(t[:2], a))
 
 
 def test_long_texts_are_cut_to_the_model_limit(tiny_clip_dir):
@@ -87,7 +87,6 @@ def test_read_examples(tmp_path):
     assert ex.names == ["0000.jpg", "0001.jpg", "0002.jpg"]
     assert ex.captions == ["第一张", "", "第三张"]
     assert ex.image(2).size == (32, 32) and len(ex.images()) == 3
-    assert len(read_examples(tmp_path, limit=2)) == 2
     with pytest.raises(FileNotFoundError, match="python -m llava_lib.mini examples"):
         read_examples(tmp_path / "missing")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import time
 from collections import Counter
@@ -20,6 +19,7 @@ from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
@@ -41,15 +41,6 @@ class CacheError(RuntimeError):
 def shard_paths(cache_dir) -> list[Path]:
     """Complete shards, in name order (temp files never match)."""
     return sorted(Path(cache_dir).glob("part-*.parquet"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp name, fsync, rename: a crash leaves the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def encode_jpeg(image, quality: int = 90) -> bytes:
@@ -163,21 +154,11 @@ def _in_pool(fn, items, workers: int):
 
 
 def _sample_urls(src_files: list[Path], start: int, stop: int, skip: set[int], k: int, seed: int) -> list[str]:
-    """Up to ``k`` URLs of rows in ``[start, stop)`` not in ``skip``, spread over the range; only the ``url``
-    column of the shards that hold them is read."""
+    """Up to ``k`` URLs of rows in ``[start, stop)`` not in ``skip``, spread over the range; only ``url`` is read."""
     candidates = random.Random(seed).sample(range(start, stop), min(stop - start, 4 * k))
     picked = sorted([rid for rid in candidates if rid not in skip][:k])
-    urls, offset = [], 0
-    for path in src_files:
-        n = pq.ParquetFile(path).metadata.num_rows
-        mine = [rid - offset for rid in picked if offset <= rid < offset + n]
-        if mine:
-            column = pq.read_table(path, columns=["url"]).column("url")
-            urls += [u for u in (column[i].as_py() for i in mine) if isinstance(u, str) and u.strip()]
-        offset += n
-        if offset >= stop:
-            break
-    return urls
+    urls = pds.dataset(src_files, format="parquet").take(picked, columns=["url"]).column("url").to_pylist()
+    return [u for u in urls if isinstance(u, str) and u.strip()]
 
 
 def estimate_download(src, out, *, limit: int | None = None, start: int = 0, workers: int = 16, sample: int = 8,
@@ -238,10 +219,11 @@ def prepare_cache(src, out, *, limit: int | None = None, start: int = 0, workers
                   **fetch_opts) -> CacheReport:
     """Build (or resume) the image cache of rows ``[start, start + limit)`` of ``src`` in ``out``; ``fetch_opts``
     go to :func:`~llava_lib.data.fetch.fetch_bytes` (timeout, retries, backoff, max_bytes, url_rewrite)."""
+    from ..model.checkpoint import atomic_write_bytes, atomic_write_json  # here: importing llava_lib.data stays light
     t0, out = time.monotonic(), Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out):
-        for stale in out.glob(".*.tmp-*"):  # torn writes of a killed run
+        for stale in out.glob(".*.tmp"):  # torn writes of a killed run
             stale.unlink(missing_ok=True)
         src_files = list_shards(src)
         meta = dict(format=1, source=[p.name for p in src_files], image_size=image_size, quality=quality)
@@ -250,7 +232,7 @@ def prepare_cache(src, out, *, limit: int | None = None, start: int = 0, workers
             if old.get(key) != meta[key]:
                 raise CacheError(f"缓存目录 {out} 是用不同的设置生成的（{key}：原来是 {old.get(key)}，现在是 {meta[key]}）。"
                                  f"请换一个 --out 目录，或删除该目录后重新生成。")
-        atomic_write_bytes(out / "cache.json", json.dumps(old, ensure_ascii=False, indent=1).encode())
+        atomic_write_json(out / "cache.json", old)
         done, skip = _done(out)
         records = load_failures(out)
         manifest = open(out / MANIFEST, "a", encoding="utf-8")  # one flushed line per failure, compacted at the end
@@ -325,5 +307,5 @@ def prepare_cache(src, out, *, limit: int | None = None, start: int = 0, workers
             report.failed_total = sum(rid not in done for rid in records)
             report.elapsed_s = time.monotonic() - t0
             report.images_per_s = report.cached_new / max(report.elapsed_s, 1e-9)
-            atomic_write_bytes(out / "summary.json", json.dumps(asdict(report), ensure_ascii=False, indent=1).encode())
+            atomic_write_json(out / "summary.json", asdict(report))
         return report
