@@ -93,11 +93,9 @@ def _hub(kind: str, repo_id: str, dest: Path, what: str, env: str, cmd: str, **k
     print(f"正在从 ModelScope 下载 {what}：{repo_id}\n  保存到：{dest}\n  （进度条由 modelscope 显示；中断后重新运行会接着下载）",
           flush=True)
     dest.mkdir(parents=True, exist_ok=True)
+    fetch = modelscope.dataset_snapshot_download if kind == "dataset" else modelscope.snapshot_download
     try:
-        if kind == "dataset":
-            modelscope.dataset_snapshot_download(dataset_id=repo_id, local_dir=str(dest), **kwargs)
-        else:
-            modelscope.snapshot_download(model_id=repo_id, local_dir=str(dest), **kwargs)
+        fetch(**{f"{kind}_id": repo_id}, local_dir=str(dest), **kwargs)
     except Exception as e:
         raise DownloadError(_explain(e, what, repo_id, dest, env, cmd)) from e
 
@@ -208,12 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="即使本地已完整也重新下载（clip 会重新转换）")
     args = parser.parse_args(argv)
     from llava_lib.model.convert_modelscope import CheckpointMismatchError
+    job = {"clip": download_clip, "llm": download_llm, "data": download_data, "sft": download_sft}[args.what]
     try:
-        if args.what == "data":
-            path = download_data(args.dest, limit_shards=args.limit_shards, force=args.force)
-        else:
-            job = {"clip": download_clip, "llm": download_llm, "sft": download_sft}[args.what]
-            path = job(args.dest, force=args.force)
+        path = job(args.dest, force=args.force, **({"limit_shards": args.limit_shards} if args.what == "data" else {}))
     except (DownloadError, config.MissingResourceError, CheckpointMismatchError, FileExistsError) as e:
         print(f"错误：{e}", file=sys.stderr)
         return 1

@@ -153,14 +153,6 @@ def _in_pool(fn, items, workers: int):
         pool.shutdown(wait=not pending, cancel_futures=True)
 
 
-def _sample_urls(src_files: list[Path], start: int, stop: int, skip: set[int], k: int, seed: int) -> list[str]:
-    """Up to ``k`` URLs of rows in ``[start, stop)`` not in ``skip``, spread over the range; only ``url`` is read."""
-    candidates = random.Random(seed).sample(range(start, stop), min(stop - start, 4 * k))
-    picked = sorted([rid for rid in candidates if rid not in skip][:k])
-    urls = pds.dataset(src_files, format="parquet").take(picked, columns=["url"]).column("url").to_pylist()
-    return [u for u in urls if isinstance(u, str) and u.strip()]
-
-
 def estimate_download(src, out, *, limit: int | None = None, start: int = 0, workers: int = 16, sample: int = 8,
                       seed: int = 0, **fetch_opts) -> DownloadEstimate:
     """Count the rows still to fetch into ``out`` (read, never written) and fetch ``sample`` of their URLs at once,
@@ -171,7 +163,10 @@ def estimate_download(src, out, *, limit: int | None = None, start: int = 0, wor
     est = DownloadEstimate(rows_in_range=n, todo=n - sum(start <= rid < start + n for rid in skip), workers=workers)
     if est.todo == 0 or sample <= 0:
         return est
-    urls = _sample_urls(src_files, start, start + n, skip, sample, seed)
+    # Up to `sample` rows still to do, spread over the range; only their urls are read.
+    picked = [rid for rid in random.Random(seed).sample(range(start, start + n), min(n, 4 * sample)) if rid not in skip]
+    urls = pds.dataset(src_files, format="parquet").take(sorted(picked[:sample]), columns=["url"]).column("url")
+    urls = [u for u in urls.to_pylist() if isinstance(u, str) and u.strip()]
     est.sampled = len(urls)
 
     def one(url: str) -> tuple[int, float]:

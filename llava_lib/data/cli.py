@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "  python -m llava_lib.data prepare --src 数据目录 --out 缓存目录 --limit 100000 --workers 32")
     ex = sub.add_parser("export-examples", help="导出前 N 个样本为 NNNN.jpg + NNNN.txt（data_example/ 的格式）",
                         description="从任意 SA1B 格式的数据导出前 N 个能下载的样本：NNNN.jpg 和对应的描述 NNNN.txt。")
-    src_help = "数据目录（其中有 data/*.parquet）或一个 parquet 文件"
-    pr.add_argument("--src", type=Path, metavar="目录", help=src_help)
+    for sp in (pr, ex):
+        sp.add_argument("--src", type=Path, metavar="目录", help="数据目录（其中有 data/*.parquet）或一个 parquet 文件")
     pr.add_argument("--out", type=Path, metavar="目录",
                     help="缓存输出目录；与 --profile 同用且不给 --src 时是缓存根目录（训练集写入其下 train/，验证集写入 eval/）")
     pr.add_argument("--profile", choices=config.PROFILES,
@@ -105,7 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--timeout", type=float, metavar="秒", default=20.0, help="单次请求多少秒没有数据就算超时（默认 20）")
     pr.add_argument("--retries", type=int, metavar="次", default=3, help="连接失败、超时、429、5xx 时最多重试几次（默认 3）")
     pr.add_argument("--max-mb", type=float, default=32.0, metavar="MB", help="单张图片最大下载量，超过即放弃（默认 32 MB）")
-    ex.add_argument("--src", type=Path, metavar="目录", help=src_help)
     ex.add_argument("--out", type=Path, metavar="目录", default=Path("data_example"), help="输出目录（默认 ./data_example）")
     ex.add_argument("--profile", choices=config.PROFILES, help="按配置档取默认的数据目录 data_root")
     ex.add_argument("-n", "--n", type=int, metavar="N", default=100, help="导出多少个样本（默认 100）")

@@ -45,14 +45,12 @@ class CachedImageDataset(Dataset):
     columns are read up front; JPEG bytes are read lazily, a row group at a time, by each DataLoader worker."""
 
     def __init__(self, cache_dir, transform: Transform | None = process.clip_transform):
-        self.cache_dir = Path(cache_dir).expanduser()
+        self.cache_dir, self.transform = Path(cache_dir).expanduser(), transform
         self.files = [str(p) for p in shard_paths(self.cache_dir)]
         if not self.files:
-            raise CacheError(f"缓存目录 {self.cache_dir} 中没有缓存分片（part-*.parquet）。请先运行 "
-                             f"`python -m llava_lib.data prepare --profile full --limit 100000` 生成缓存"
-                             f"（或者用 `--src <数据目录> --out {self.cache_dir} --limit 100000` 指定目录）；"
-                             f"如果已经运行过，请查看 {self.cache_dir / 'failures.jsonl'} 中的失败原因。")
-        self.transform = transform
+            raise CacheError(f"缓存目录 {self.cache_dir} 中没有缓存分片（part-*.parquet）。请先运行 `python -m llava_lib.data "
+                             f"prepare --profile full --limit 100000`（或用 `--src <数据目录> --out {self.cache_dir}` 指定目录）"
+                             f"生成缓存；已经运行过的话，请看 {self.cache_dir / 'failures.jsonl'} 中的失败原因。")
         ids, where, captions = [], [], []
         for s, path in enumerate(self.files):
             meta = pq.ParquetFile(path).metadata

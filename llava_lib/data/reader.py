@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -31,10 +31,10 @@ class Row(NamedTuple):
 class ReadStats:
     rows: int = 0          # good rows yielded
     bad_rows: int = 0      # rows skipped because their url / cap_seg could not be used
-    problems: list[str] = field(default_factory=list)  # the first 50 messages
+    first_problem: str = ""
 
     def summary(self) -> str:
-        return f"读取 {self.rows} 行，跳过坏行 {self.bad_rows} 行" + (f"（例如：{self.problems[0]}）" if self.problems else "")
+        return f"读取 {self.rows} 行，跳过坏行 {self.bad_rows} 行" + (f"（例如：{self.first_problem}）" if self.bad_rows else "")
 
 
 def list_shards(src) -> list[Path]:
@@ -113,8 +113,7 @@ class SA1BRows:
                     except ValueError as e:
                         msg = f"{path.name} 第 {rid - first} 行（全局行号 {rid}）：{e}，已跳过"
                         self.stats.bad_rows += 1
-                        if len(self.stats.problems) < 50:
-                            self.stats.problems.append(msg)
+                        self.stats.first_problem = self.stats.first_problem or msg
                         if self.on_bad is not None:
                             self.on_bad(rid, url if isinstance(url, str) else "", msg)
                         continue
