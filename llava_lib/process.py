@@ -149,15 +149,14 @@ def encode_conversation(tokenizer, messages: Sequence[dict], n_image_tokens: int
     return ids, labels
 
 
-def collate(tokenizer, samples: Sequence[dict], n_image_tokens: int, max_text_tokens: int | None = None,
-            prompt: str = DEFAULT_PROMPT) -> dict[str, torch.Tensor]:
+def collate(tokenizer, samples: Sequence[dict], n_image_tokens: int, max_text_tokens: int | None = None) -> dict:
     """Samples -> one right-padded training batch. Each sample has ``pixel_values`` (``[3,H,W]``, or None for a
     text-only sample) and either ``messages`` or a ``caption`` (turned into :func:`caption_conversation`). Returns
     ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` and ``pixel_values`` ``[N_img, 3, H, W]`` for the samples
     that have an image, in order (or None)."""
     seqs, pixels = [], []
     for s in samples:
-        messages = s.get("messages") or caption_conversation(s["caption"], prompt)
+        messages = s.get("messages") or caption_conversation(s["caption"])
         if (s.get("pixel_values") is not None) != has_image(messages):
             raise ValueError("样本的图片与对话中的 <image> 标记不一致：有图片就必须有标记，反之亦然。")
         seqs.append(encode_conversation(tokenizer, messages, n_image_tokens, max_text_tokens))

@@ -29,6 +29,8 @@ from .fetch import REFRESH_LINKS_CMD, FetchError, fetch_bytes, fetch_image, reas
 from .reader import Row, list_shards, read_sa1b
 
 MANIFEST = "failures.jsonl"
+JPEG_QUALITY = 90
+SHARD_BYTES = 64 << 20  # a shard is written at --shard-rows rows or at this size, whichever comes first
 SCHEMA = pa.schema([("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()), ("jpeg", pa.binary())])
 EXPIRED_HINT = (f"HTTP 403 多半表示图片链接已过期（SA-1B 的图片地址是带签名的临时链接）：运行 `{REFRESH_LINKS_CMD}` "
                 f"重新下载数据分片得到新链接，再运行同一个 prepare 命令（这些行会重试）。")
@@ -43,9 +45,9 @@ def shard_paths(cache_dir) -> list[Path]:
     return sorted(Path(cache_dir).glob("part-*.parquet"))
 
 
-def encode_jpeg(image, quality: int = 90) -> bytes:
+def encode_jpeg(image) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=quality)
+    image.save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue()
 
 
@@ -154,7 +156,7 @@ def _in_pool(fn, items, workers: int):
 
 
 def estimate_download(src, out, *, limit: int | None = None, start: int = 0, workers: int = 16, sample: int = 8,
-                      seed: int = 0, **fetch_opts) -> DownloadEstimate:
+                      **fetch_opts) -> DownloadEstimate:
     """Count the rows still to fetch into ``out`` (read, never written) and fetch ``sample`` of their URLs at once,
     without retries: mean size x rows is the download size, mean time the duration at ``workers`` at a time."""
     out, src_files = Path(out).expanduser(), list_shards(src)
@@ -164,7 +166,7 @@ def estimate_download(src, out, *, limit: int | None = None, start: int = 0, wor
     if est.todo == 0 or sample <= 0:
         return est
     # Up to `sample` rows still to do, spread over the range; only their urls are read.
-    picked = [rid for rid in random.Random(seed).sample(range(start, start + n), min(n, 4 * sample)) if rid not in skip]
+    picked = [rid for rid in random.Random(0).sample(range(start, start + n), min(n, 4 * sample)) if rid not in skip]
     urls = pds.dataset(src_files, format="parquet").take(sorted(picked[:sample]), columns=["url"]).column("url")
     urls = [u for u in urls.to_pylist() if isinstance(u, str) and u.strip()]
     est.sampled = len(urls)
@@ -210,8 +212,7 @@ class CacheReport:
 
 
 def prepare_cache(src, out, *, limit: int | None = None, start: int = 0, workers: int = 16, shard_rows: int = 2048,
-                  shard_bytes: int = 64 << 20, image_size: int = IMAGE_SIZE, quality: int = 90, progress: bool = True,
-                  **fetch_opts) -> CacheReport:
+                  progress: bool = True, **fetch_opts) -> CacheReport:
     """Build (or resume) the image cache of rows ``[start, start + limit)`` of ``src`` in ``out``; ``fetch_opts``
     go to :func:`~llava_lib.data.fetch.fetch_bytes` (timeout, retries, backoff, max_bytes, url_rewrite)."""
     from ..model.checkpoint import atomic_write_bytes, atomic_write_json  # here: importing llava_lib.data stays light
@@ -221,7 +222,7 @@ def prepare_cache(src, out, *, limit: int | None = None, start: int = 0, workers
         for stale in out.glob(".*.tmp"):  # torn writes of a killed run
             stale.unlink(missing_ok=True)
         src_files = list_shards(src)
-        meta = dict(format=1, source=[p.name for p in src_files], image_size=image_size, quality=quality)
+        meta = dict(format=1, source=[p.name for p in src_files], image_size=IMAGE_SIZE, quality=JPEG_QUALITY)
         old = json.loads((out / "cache.json").read_text(encoding="utf-8")) if (out / "cache.json").exists() else meta
         for key in ("format", "source", "image_size"):
             if old.get(key) != meta[key]:
@@ -250,7 +251,7 @@ def prepare_cache(src, out, *, limit: int | None = None, start: int = 0, workers
         def fetch_encode(row: Row) -> bytes:
             image = fetch_image(row.url, **fetch_opts)
             try:
-                return encode_jpeg(resize_square(image, image_size), quality)
+                return encode_jpeg(resize_square(image))
             except Exception as e:  # decodes but cannot be resized: still one bad sample
                 raise FetchError("decode_error", f"{row.url} 无法缩放或编码：{type(e).__name__}: {e}", row.url) from None
 
@@ -286,7 +287,7 @@ def prepare_cache(src, out, *, limit: int | None = None, start: int = 0, workers
                     nbytes += len(result)
                     report.cached_new += 1
                     bar.update(1)
-                if len(buffered) >= shard_rows or nbytes >= shard_bytes:
+                if len(buffered) >= shard_rows or nbytes >= SHARD_BYTES:
                     flush()
                 bar.set_postfix_str(f"失败 {sum(failed.values())}", refresh=False)
             report.complete = True

@@ -38,8 +38,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"错误：{message}\n（运行 `{self.prog} --help` 查看用法）\n")
 
 
-def export_examples(src, out_dir, n: int = 100, *, size: int | None = IMAGE_SIZE, workers: int = 8,
-                    retries: int = 2, **fetch_opts) -> SimpleNamespace:
+def export_examples(src, out_dir, n: int = 100, *, size: int | None = IMAGE_SIZE, retries: int = 2,
+                    **fetch_opts) -> SimpleNamespace:
     """Write the first ``n`` samples that can be fetched, squashed to ``size`` px (None: the original image). The
     report: ``written``, ``skipped`` (row_id, reason) of failed fetches, and ``bad_rows`` that could not be parsed."""
     from ..model.checkpoint import atomic_write_bytes  # here: importing llava_lib.data stays light
@@ -55,7 +55,7 @@ def export_examples(src, out_dir, n: int = 100, *, size: int | None = IMAGE_SIZE
         except FetchError as e:
             return row, e
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=8) as pool:
         while report.written < n and (chunk := list(islice(it, n - report.written))):
             for row, result in pool.map(load, chunk):  # map keeps the source order
                 if isinstance(result, FetchError):

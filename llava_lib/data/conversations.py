@@ -121,8 +121,8 @@ class ConversationDataset(Dataset):
         return sample
 
 
-def split_indices(n: int, eval_fraction: float, min_eval: int = 1) -> tuple[list[int], list[int]]:
+def split_indices(n: int, eval_fraction: float) -> tuple[list[int], list[int]]:
     """A fixed held-out split (seed 0, whatever the training seed): ``(train, eval)`` indices."""
     order = np.random.default_rng(0).permutation(n).tolist()
-    n_eval = min(n - 1, max(min_eval, int(round(eval_fraction * n)))) if n > 1 else 0
+    n_eval = min(n - 1, max(1, int(round(eval_fraction * n)))) if n > 1 else 0
     return sorted(order[n_eval:]), sorted(order[:n_eval])

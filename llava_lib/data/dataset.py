@@ -94,17 +94,13 @@ class DirectDataset(Dataset):
     """Rows of an SA1B source, each image fetched when asked for (no cache); same output as the cache. Failed
     fetches come back as :class:`SkippedSample` and are counted in ``failures`` (in this process)."""
 
-    def __init__(self, src, transform: Transform | None = process.clip_transform, *, start: int = 0,
-                 limit: int | None = None, **fetch_opts):
-        reader = read_sa1b(src, start, limit)
+    def __init__(self, src, transform: Transform | None = process.clip_transform, *, limit: int | None = None,
+                 **fetch_opts):
+        reader = read_sa1b(src, limit=limit)
         self.rows = list(reader)
         if reader.stats.bad_rows:
             log.warning(reader.stats.summary())
-        self.transform, self.fetch_opts = transform, fetch_opts
-        self.captions = [r.caption for r in self.rows]
-        self.row_ids = np.asarray([r.row_id for r in self.rows], np.int64)
-        self.lengths = np.fromiter(map(len, self.captions), np.int64, len(self.captions))
-        self.failures: Counter = Counter()
+        self.transform, self.fetch_opts, self.failures = transform, fetch_opts, Counter()
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -135,7 +131,7 @@ def collate_images(samples: Sequence) -> dict:
 
 
 def make_collate(tokenizer, n_image_tokens: int = process.num_image_tokens(), max_text_tokens: int | None = 128,
-                 prompt: str = process.DEFAULT_PROMPT, prompts: Sequence[str] | None = None):
+                 prompts: Sequence[str] | None = None):
     """A DataLoader ``collate_fn``: :func:`llava_lib.process.collate` on the good samples, plus ``row_ids``,
     ``captions`` and ``skipped``; with no good sample, empty tensors and ``pixel_values`` None (the loop skips it).
     ``prompts``: instructions for caption samples, each picked by ``row_id`` (the same after a resume)."""
@@ -145,7 +141,7 @@ def make_collate(tokenizer, n_image_tokens: int = process.num_image_tokens(), ma
                 {**s, "messages": process.caption_conversation(s["caption"], prompts[s["row_id"] % len(prompts)])}
                 for s in good]
         if good:
-            batch = process.collate(tokenizer, good, n_image_tokens, max_text_tokens, prompt)
+            batch = process.collate(tokenizer, good, n_image_tokens, max_text_tokens)
         else:
             empty = torch.zeros((0, 0), dtype=torch.long)
             batch = {"input_ids": empty, "attention_mask": empty, "labels": empty, "pixel_values": None}
