@@ -15,8 +15,6 @@ from PIL import Image
 
 from .process import clip_transform
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
 
 @dataclass(frozen=True)
 class ExampleFolder:
@@ -43,7 +41,7 @@ class ExampleFolder:
 def read_examples(folder) -> ExampleFolder:
     """The example images of ``folder`` with their captions; a clear error if there are none."""
     folder = Path(folder).expanduser()
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    paths = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not paths:
         raise FileNotFoundError(
             f"在 {folder} 中没有找到示例图片（*.jpg / *.png）。迷你世界的示例图片可以用 "

@@ -25,15 +25,12 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from ..process import IMAGE_SIZE, resize_square
-from .fetch import REFRESH_LINKS_CMD, FetchError, fetch_bytes, fetch_image, reason_label
+from .fetch import EXPIRED_HINT, FetchError, fetch_bytes, fetch_image, reason_label
 from .reader import Row, list_shards, read_sa1b
 
 MANIFEST = "failures.jsonl"
 JPEG_QUALITY = 90
-SHARD_BYTES = 64 << 20  # a shard is written at --shard-rows rows or at this size, whichever comes first
 SCHEMA = pa.schema([("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()), ("jpeg", pa.binary())])
-EXPIRED_HINT = (f"HTTP 403 多半表示图片链接已过期（SA-1B 的图片地址是带签名的临时链接）：运行 `{REFRESH_LINKS_CMD}` "
-                f"重新下载数据分片得到新链接，再运行同一个 prepare 命令（这些行会重试）。")
 
 
 class CacheError(RuntimeError):
@@ -287,7 +284,7 @@ def prepare_cache(src, out, *, limit: int | None = None, start: int = 0, workers
                     nbytes += len(result)
                     report.cached_new += 1
                     bar.update(1)
-                if len(buffered) >= shard_rows or nbytes >= SHARD_BYTES:
+                if len(buffered) >= shard_rows or nbytes >= 64 << 20:  # a large --shard-rows must not fill the memory
                     flush()
                 bar.set_postfix_str(f"失败 {sum(failed.values())}", refresh=False)
             report.complete = True

@@ -23,6 +23,8 @@ DEFAULT_MAX_BYTES = 32 << 20    # SA-1B photos are ~0.5 MB; anything near this i
 DEFAULT_RETRIES = 3
 MAX_RETRY_AFTER = 30            # seconds: a server asking for an hour would stall a download worker for an hour
 REFRESH_LINKS_CMD = "python -m llava_lib.download data --force"  # fresh signed SA-1B links
+EXPIRED_HINT = (f"HTTP 403 多半表示图片链接已过期（SA-1B 的图片地址是带签名的临时链接）：运行 `{REFRESH_LINKS_CMD}` "
+                f"重新下载数据分片得到新链接，再运行同一个 prepare 命令（这些行会重试）。")
 REASONS = {  # reason -> what a student reads in the summary
     "timeout": "超时", "connection": "连接失败", "incomplete": "下载不完整（连接中断）",
     "http_403": "链接已过期或无权访问", "http_4xx": "HTTP 客户端错误", "http_5xx": "HTTP 服务器错误",
@@ -92,8 +94,7 @@ def _get(url: str, timeout: float, max_bytes: int, retries: int, backoff: float)
         with _session(retries, backoff).get(url, stream=True, timeout=(timeout, timeout)) as r:
             code = r.status_code
             if code == 403:
-                raise FetchError("http_403", f"HTTP 403：{url} 拒绝访问，多半是链接已过期（SA-1B 的图片地址是带签名的临时链接）。"
-                                             f"运行 {REFRESH_LINKS_CMD} 得到新链接，再运行同一个 prepare 命令。", url, True)
+                raise FetchError("http_403", f"{url} 拒绝访问。{EXPIRED_HINT}", url, True)
             if code != 200:
                 retried = tried if code in RETRY_STATUS and retries else ""
                 raise FetchError(f"http_{code}", f"HTTP {code}{retried}：{url}", url,
