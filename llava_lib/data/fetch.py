@@ -54,25 +54,22 @@ def reason_label(reason: str) -> str:
     return f"HTTP {reason[5:]}（{REASONS['http_5xx' if reason[5] == '5' else 'http_4xx']}）"
 
 
-def retry_policy(retries: int = DEFAULT_RETRIES, backoff: float = 0.5) -> Retry:
-    """Connection errors, timeouts before the first byte and :data:`RETRY_STATUS`; the last error response is
-    returned, not raised, so it becomes a :class:`FetchError` naming its status."""
-    return Retry(total=max(0, int(retries)), status_forcelist=RETRY_STATUS, backoff_factor=backoff, backoff_max=30,
-                 backoff_jitter=backoff, retry_after_max=MAX_RETRY_AFTER, raise_on_status=False)
-
-
 _local = threading.local()
 
 
 def _session(retries: int = DEFAULT_RETRIES, backoff: float = 0.5) -> requests.Session:
     """One pooled session per thread, process and retry policy: requests.Session is not thread-safe, and a forked
-    DataLoader worker must not share its parent's open connections."""
+    DataLoader worker must not share its parent's open connections. Retried: connection errors, timeouts before the
+    first byte and :data:`RETRY_STATUS`; the last error response is returned, not raised, so it becomes a
+    :class:`FetchError` naming its status."""
     sessions, key = _local.__dict__.setdefault("sessions", {}), (os.getpid(), retries, backoff)
     if key not in sessions:
         s = sessions[key] = requests.Session()
         s.headers["User-Agent"] = "llava-course-data/0.1"
+        retry = Retry(total=max(0, int(retries)), status_forcelist=RETRY_STATUS, backoff_factor=backoff, backoff_max=30,
+                      backoff_jitter=backoff, retry_after_max=MAX_RETRY_AFTER, raise_on_status=False)
         for prefix in ("http://", "https://"):
-            s.mount(prefix, HTTPAdapter(max_retries=retry_policy(retries, backoff)))
+            s.mount(prefix, HTTPAdapter(max_retries=retry))
     return sessions[key]
 
 
