@@ -196,5 +196,4 @@ class LengthGroupedSampler(Sampler[list[int]]):
         yield from self.batches()[self.start_batch:]
 
     def __len__(self) -> int:
-        n = len(self.lengths) // self.batch_size if self.drop_last else -(-len(self.lengths) // self.batch_size)
-        return max(0, n // self.world_size - self.start_batch)
+        return len(self.batches()[self.start_batch:])
