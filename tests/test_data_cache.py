@@ -227,6 +227,7 @@ def test_cli_help_is_chinese(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "用法" in text and "缓存" in text and "--limit" in text and "--workers" in text
+    assert text.startswith("用法：python -m llava_lib.data prepare ")  # the heading once, not inside the prog name
     assert main(["prepare"]) == 1
     assert "错误" in capsys.readouterr().err
 
