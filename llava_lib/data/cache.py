@@ -212,7 +212,7 @@ def prepare_cache(src, out, *, limit: int | None = None, start: int = 0, workers
                   progress: bool = True, **fetch_opts) -> CacheReport:
     """Build (or resume) the image cache of rows ``[start, start + limit)`` of ``src`` in ``out``; ``fetch_opts``
     go to :func:`~llava_lib.data.fetch.fetch_bytes` (timeout, retries, backoff, max_bytes, url_rewrite)."""
-    from ..model.checkpoint import atomic_write_bytes, atomic_write_json  # here: importing llava_lib.data stays light
+    from ..model.checkpoint import atomic_write_bytes, atomic_write_json  # not at the top: it imports transformers
     t0, out = time.monotonic(), Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out):
