@@ -59,8 +59,7 @@ def data_is_complete(path: str | Path, limit_shards: int = DEFAULT_DATA_SHARDS) 
     got, files = int(info.get("limit_shards", -1)), info.get("files") or []
     if (got == 0 or 0 < limit_shards <= got) and files and all((path / f).is_file() for f in files):
         return True
-    present = _shards(path, shard_patterns(limit_shards))
-    return limit_shards > 0 and all(any(fnmatch(f, pat) for f in present) for pat in shard_patterns(limit_shards))
+    return limit_shards > 0 and all(_shards(path, [pat]) for pat in shard_patterns(limit_shards))
 
 
 def _explain(e: BaseException, what: str, repo_id: str, dest: Path, env: str, cmd: str) -> str:
