@@ -90,7 +90,6 @@ class EnvReport:
     python: str
     platform: str
     torch: str
-    cuda_available: bool
     cuda_version: str | None            # the CUDA torch was built with (torch.version.cuda)
     cudnn: int | None
     cxx11_abi: bool
@@ -149,7 +148,7 @@ def collect(disk_paths=()) -> EnvReport:
         disks.setdefault(p.stat().st_dev, DiskInfo(str(p), usage.free / GIB, usage.total / GIB))  # one per file system
     return EnvReport(
         python=platform.python_version(), platform=f"{platform.system()} {platform.machine()}",
-        torch=torch.__version__, cuda_available=cuda, cuda_version=torch.version.cuda,
+        torch=torch.__version__, cuda_version=torch.version.cuda,
         cudnn=torch.backends.cudnn.version() if cuda else None, cxx11_abi=abi, gpus=gpus,
         flash_attn=_version("flash-attn") or _version("flash_attn") if importlib.util.find_spec("flash_attn") else None,
         wheel=flash_attn_wheel(*versions), flash_attn_advice=flash_attn_advice(*versions),

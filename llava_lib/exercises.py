@@ -9,9 +9,6 @@ import torch
 
 from . import process
 
-OK = "✓ 正确！"
-
-
 def _blank(answer, what: str) -> bool:
     if answer is None or answer is ...:
         print(f"尚未完成：请把 None 换成{what}，再运行这个单元格。")
@@ -20,7 +17,7 @@ def _blank(answer, what: str) -> bool:
 
 
 def _verdict(ok: bool, praise: str, hint: str) -> bool:
-    print(OK + praise if ok else "还不对：" + hint)
+    print("✓ 正确！" + praise if ok else "还不对：" + hint)
     return bool(ok)
 
 

@@ -75,7 +75,7 @@ def test_collect_reads_this_machine(tmp_path):
 def _report(torch_version, cuda_version, **kw):
     args = (torch_version, cuda_version, (3, 11), True)
     return env_report.EnvReport(
-        python="3.11.7", platform="Linux x86_64", torch=torch_version, cuda_available=True, cuda_version=cuda_version,
+        python="3.11.7", platform="Linux x86_64", torch=torch_version, cuda_version=cuda_version,
         cudnn=91002, cxx11_abi=True, gpus=[env_report.GPUInfo(0, "NVIDIA H100 80GB HBM3", 79.2, (9, 0), True)],
         wheel=flash_attn_wheel(*args), flash_attn_advice=env_report.flash_attn_advice(*args), attention="sdpa", **kw)
 
