@@ -105,8 +105,7 @@ class ChatSession:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         turns = self.history + [{"role": "user", "content": question}]
         if self._pixels is not None:
-            first = turns[0]
-            turns[0] = {"role": "user", "content": f"{IMAGE_MARKER}\n{first['content']}"}
+            turns[0] = {"role": "user", "content": f"{IMAGE_MARKER}\n{turns[0]['content']}"}
         return msgs + turns
 
     def prompt_ids(self, question: str) -> list[int]:

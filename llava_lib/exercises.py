@@ -1,13 +1,13 @@
 """Checkers for the notebooks' exercises: each prints a Chinese verdict and returns True or False, never raises.
 
 The blank a student fills is ``None``. Where the library already computes the answer, the checker asks the library
-(not a copy of the formula), so an exercise and the code it teaches cannot drift apart.
-"""
+(not a copy of the formula), so an exercise and the code it teaches cannot drift apart."""
 import math
 
 import torch
 
 from . import process
+
 
 def _blank(answer, what: str) -> bool:
     if answer is None or answer is ...:
