@@ -109,9 +109,8 @@ class ChatSession:
         return msgs + turns
 
     def prompt_ids(self, question: str) -> list[int]:
-        ids, _ = encode_conversation(self.tokenizer, self.messages(question), self.model.num_image_tokens,
-                                     add_generation_prompt=True, enable_thinking=self.enable_thinking)
-        return ids
+        return encode_conversation(self.tokenizer, self.messages(question), self.model.num_image_tokens,
+                                   add_generation_prompt=True, enable_thinking=self.enable_thinking)[0]
 
     def generation_config(self) -> GenerationConfig:
         """What the next reply uses: the model's settings for the current mode, then ``generation``."""
@@ -127,20 +126,19 @@ class ChatSession:
         config = self.generation_config()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         gone = threading.Event()  # set when the reader leaves early, so that generate stops too
-        result: dict = {}
 
         def run():
             try:
                 if self.seed is not None:
                     torch.manual_seed(self.seed)
-                result["ids"] = self.model.llm.generate(
+                return self.model.llm.generate(
                     inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
                                                                     device=embeds.device),
                     generation_config=config, streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_EventStop(stop_event, gone)]))[0].tolist()
-            except Exception as e:  # noqa: BLE001 - re-raised in the reader's thread
-                result["error"] = e
-                streamer.end()  # the reader is waiting on the streamer's queue
+            except Exception:
+                streamer.end()  # the reader is waiting on the streamer's queue; the error is raised there below
+                raise
 
         self.finish_reason = None
         pieces = []
@@ -151,9 +149,8 @@ class ChatSession:
                 yield piece
         finally:
             gone.set()
-            worker.result()
-            if "ids" in result:
-                out, eos = result["ids"], config.eos_token_id
+            if worker.exception() is None:  # waits for generate to end
+                out, eos = worker.result(), config.eos_token_id
                 eos = eos if isinstance(eos, list) else [eos]
                 self.finish_reason = ("eos" if out and out[-1] in eos else
                                       "length" if len(out) >= config.max_new_tokens else "stopped")
@@ -163,8 +160,7 @@ class ChatSession:
             if "<think>" in reply and "</think>" not in reply:
                 reply = reply.partition("<think>")[0]
             self.history += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
-        if "error" in result:
-            raise result["error"]
+        worker.result()  # generate's error, if any, once the turn is recorded
 
     def ask(self, question: str) -> str:
         return "".join(self.stream(question))
