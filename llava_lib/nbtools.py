@@ -76,15 +76,14 @@ def strip_file(path) -> int:
 def execute_file(path, timeout: int = 1200) -> None:
     """Run a notebook top to bottom in a fresh kernel in its folder, as nbval does (skipping the cells nbval skips),
     and keep the checked cells' new outputs."""
-    from nbclient import NotebookClient
+    from nbclient import execute
     path = Path(path).resolve()
     nb = nbformat.read(path, as_version=4)
     run = copy.deepcopy(nb)
     for cell in run.cells:
         if _marked(cell, "NBVAL_SKIP", "nbval-skip"):
             cell.metadata.setdefault("tags", []).append("nbval-skip")
-    NotebookClient(run, timeout=timeout, kernel_name="python3", skip_cells_with_tag="nbval-skip",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    execute(run, cwd=str(path.parent), timeout=timeout, kernel_name="python3", skip_cells_with_tag="nbval-skip")
     for cell, done in zip(nb.cells, run.cells):
         if is_checked(cell):
             cell.outputs = done.get("outputs", [])

@@ -120,6 +120,7 @@ class _ChatWidgetBase:
         self.clear_button = self._button(self.clear_label, "llava-chat-clear", self.clear, "", "清空对话记录")
         self.status_line = W.HTML().add_class("llava-chat-status")
         self.error_line = W.HTML().add_class("llava-chat-error")
+        self._render_history()
 
     @property
     def busy(self) -> bool:
@@ -292,7 +293,6 @@ class TextChatWidget(_ChatWidgetBase):
                                        ).add_class("llava-chat-thinking")
         self.system_box.observe(self._guard(self._on_system), "value")
         self.thinking.observe(self._guard(self._on_thinking), "value")
-        self._render_history()
         self.widget = W.VBox([W.HTML("<b>系统提示词</b>"), self.system_box, self.thinking, *self._chat_column()],
                              layout={"width": "100%", "max_width": "900px"}).add_class("llava-chat")
         self.widget.add_class("llava-text-chat")
@@ -365,7 +365,6 @@ class ImageChatWidget(_ChatWidgetBase):
             self._load_and_apply(first, self.examples[0].name)
         else:
             self.image_caption.value = _grey("还没有图片：请选择示例图片、上传图片或输入网址。")
-        self._render_history()
         sources = W.VBox([self.image, self.image_caption, self.examples_dropdown, self.upload,
                           W.HBox([self.url, self.url_button]), self.new_image_button],
                          layout={"width": f"{THUMBNAIL_SIZE + 20}px", "min_width": "240px"})
