@@ -10,6 +10,7 @@ import base64
 import functools
 import html
 import io
+import itertools
 import time
 from pathlib import Path
 from typing import Sequence
@@ -238,29 +239,25 @@ def measure_loader(dataset, batch_size: int = 32, num_workers: int = 0, max_batc
 
     from . import data
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=data.collate_images)
-    n = skipped = 0
-    marks = []
+    n, skipped, marks = 0, 0, []
     t0 = time.perf_counter()
-    for b, batch in enumerate(loader):
+    for batch in itertools.islice(loader, max_batches):
         n += len(batch["row_ids"])
         skipped += len(batch["skipped"])
         marks.append((n, time.perf_counter() - t0))
-        if max_batches is not None and b + 1 >= max_batches:
-            break
     seconds = time.perf_counter() - t0
     return {"samples": n, "skipped": skipped, "seconds": seconds, "per_s": n / max(seconds, 1e-9), "marks": marks}
 
 
 def speed_intervals(marks: Sequence[tuple[int, float]], every: int = 4) -> list[dict]:
-    """Cut a pass's ``marks`` into intervals of ``every`` batches: ``end`` (samples read), ``samples``, ``seconds``,
-    ``per_s``, ``ms_per_sample``. The first includes the loader's start-up, so it is often slower."""
+    """Cut a pass's ``marks`` into intervals of ``every`` batches: ``end`` (samples read), ``per_s``,
+    ``ms_per_sample``. The first includes the loader's start-up, so it is often slower."""
     out, prev_n, prev_t = [], 0, 0.0
     for n, t in list(marks[every - 1::every]) + ([marks[-1]] if len(marks) % every else []):
         if n == prev_n:  # only skipped samples in this interval
             continue
         dt = max(t - prev_t, 1e-9)
-        out.append({"end": n, "samples": n - prev_n, "seconds": dt, "per_s": (n - prev_n) / dt,
-                    "ms_per_sample": 1000 * dt / (n - prev_n)})
+        out.append({"end": n, "per_s": (n - prev_n) / dt, "ms_per_sample": 1000 * dt / (n - prev_n)})
         prev_n, prev_t = n, t
     return out
 
