@@ -2,8 +2,7 @@
 
 ``ChatSession`` keeps a multi-turn history; the image (if any) stays in the first user turn, once. ``stream`` runs
 ``generate`` in a background thread and yields the text pieces of a ``TextIteratorStreamer`` as they come: the same
-iterator feeds a terminal (``print(piece, end="")``) and the notebook widgets.
-"""
+iterator feeds a terminal (``print(piece, end="")``) and the notebook widgets."""
 from __future__ import annotations
 
 import copy
@@ -63,12 +62,6 @@ class _EventStop(StoppingCriteria):
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
-def _without_open_think(reply: str) -> str:
-    """The reply as the history keeps it: Qwen3's template drops past reasoning up to ``</think>``, so a reply cut
-    off inside its think block (no answer either) would be replayed into every later prompt; keep what came first."""
-    return reply.partition("<think>")[0] if "<think>" in reply and "</think>" not in reply else reply
-
-
 def load_image(source) -> Image.Image:
     """A PIL image from a PIL image, a path or a URL (through the data pipeline's guarded fetch)."""
     if isinstance(source, Image.Image):
@@ -79,13 +72,9 @@ def load_image(source) -> Image.Image:
 
 @dataclass
 class ChatSession:
-    """A conversation with a LLaVA model (or a text-only one: ``model.vision`` is None or no image given).
-
-    ``model`` is a :class:`llava_lib.model.LlavaStage1`; ``image`` a PIL image, path or URL. ``generation``
-    overrides the model's chat settings (see :func:`chat_generation_config`); ``seed`` makes sampling repeatable.
-    After a reply, ``finish_reason`` says how it ended: ``"eos"`` (the model finished), ``"length"`` (cut off at
-    ``max_new_tokens``) or ``"stopped"`` (the stop event).
-    """
+    """A conversation with a :class:`llava_lib.model.LlavaStage1` (text-only when ``model.vision`` is None or no
+    image is given). ``generation`` overrides the model's chat settings; ``seed`` makes sampling repeatable. After a
+    reply, ``finish_reason`` is ``"eos"``, ``"length"`` (cut off at ``max_new_tokens``) or ``"stopped"``."""
 
     model: object
     tokenizer: object
@@ -116,25 +105,20 @@ class ChatSession:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         turns = self.history + [{"role": "user", "content": question}]
         if self._pixels is not None:
-            first = turns[0]
-            turns[0] = {"role": "user", "content": f"{IMAGE_MARKER}\n{first['content']}"}
+            turns[0] = {"role": "user", "content": f"{IMAGE_MARKER}\n{turns[0]['content']}"}
         return msgs + turns
 
     def prompt_ids(self, question: str) -> list[int]:
-        ids, _ = encode_conversation(self.tokenizer, self.messages(question), self.model.num_image_tokens,
-                                     add_generation_prompt=True, enable_thinking=self.enable_thinking)
-        return ids
+        return encode_conversation(self.tokenizer, self.messages(question), self.model.num_image_tokens,
+                                   add_generation_prompt=True, enable_thinking=self.enable_thinking)[0]
 
     def generation_config(self) -> GenerationConfig:
         """What the next reply uses: the model's settings for the current mode, then ``generation``."""
         return chat_generation_config(self.model.llm, self.enable_thinking, **self.generation)
 
     def stream(self, question: str, stop_event: threading.Event | None = None) -> Iterator[str]:
-        """Yield the reply piece by piece; when done (or stopped) the turn is added to the history.
-
-        ``generate`` runs in a thread; setting ``stop_event`` ends it after the current token. An error there is
-        raised here.
-        """
+        """Yield the reply piece by piece; when done (or stopped) the turn is added to the history. ``generate``
+        runs in a thread; setting ``stop_event`` ends it after the current token; an error there is raised here."""
         ids = torch.tensor([self.prompt_ids(question)], device=self.model.device)
         pixels = self._pixels if self.model.vision is not None else None
         with torch.no_grad():
@@ -142,20 +126,19 @@ class ChatSession:
         config = self.generation_config()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         gone = threading.Event()  # set when the reader leaves early, so that generate stops too
-        result: dict = {}
 
         def run():
             try:
                 if self.seed is not None:
                     torch.manual_seed(self.seed)
-                result["ids"] = self.model.llm.generate(
+                return self.model.llm.generate(
                     inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
                                                                     device=embeds.device),
                     generation_config=config, streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_EventStop(stop_event, gone)]))[0].tolist()
-            except Exception as e:  # noqa: BLE001 - re-raised in the reader's thread
-                result["error"] = e
-                streamer.end()  # the reader is waiting on the streamer's queue
+            except Exception:
+                streamer.end()  # the reader is waiting on the streamer's queue; the error is raised there below
+                raise
 
         self.finish_reason = None
         pieces = []
@@ -166,26 +149,27 @@ class ChatSession:
                 yield piece
         finally:
             gone.set()
-            worker.result()
-            if "ids" in result:
-                out, eos = result["ids"], config.eos_token_id
+            if worker.exception() is None:  # waits for generate to end
+                out, eos = worker.result(), config.eos_token_id
                 eos = eos if isinstance(eos, list) else [eos]
                 self.finish_reason = ("eos" if out and out[-1] in eos else
                                       "length" if len(out) >= config.max_new_tokens else "stopped")
-            self.history += [{"role": "user", "content": question},
-                             {"role": "assistant", "content": _without_open_think("".join(pieces))}]
-        if "error" in result:
-            raise result["error"]
+            reply = "".join(pieces)
+            # Qwen3's template drops past reasoning only up to </think>: a reply cut off while thinking would be
+            # replayed into every later prompt, so the history keeps what came before its <think>.
+            if "<think>" in reply and "</think>" not in reply:
+                reply = reply.partition("<think>")[0]
+            self.history += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+        worker.result()  # generate's error, if any, once the turn is recorded
 
     def ask(self, question: str) -> str:
         return "".join(self.stream(question))
 
 
-def caption(model, tokenizer, image, prompt: str | None = None, max_new_tokens: int = 64) -> str:
+def caption(model, tokenizer, image, max_new_tokens: int = 64) -> str:
     """Greedy caption of one image (the eval of Stage 1)."""
-    session = ChatSession(model, tokenizer, image=image,
-                          generation={"do_sample": False, "max_new_tokens": max_new_tokens})
-    return session.ask(prompt or DEFAULT_PROMPT)
+    greedy = {"do_sample": False, "max_new_tokens": max_new_tokens}
+    return ChatSession(model, tokenizer, image=image, generation=greedy).ask(DEFAULT_PROMPT)
 
 
 def qa_turns(messages: list[dict]) -> list[tuple[list[dict], str, str]]:
@@ -228,14 +212,10 @@ def generate_batch(model, tokenizer, images, conversations, max_new_tokens: int,
     for s in range(0, len(images), batch_size):
         rows = [encode_conversation(tokenizer, c, model.num_image_tokens, add_generation_prompt=True)[0]
                 for c in conversations[s:s + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), config.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, r in enumerate(rows):
-            ids[b, width - len(r):], mask[b, width - len(r):] = torch.tensor(r), 1
+        batch = tokenizer.pad({"input_ids": rows}, padding_side="left", return_tensors="pt").to(model.device)
         pixels = torch.stack([clip_transform(im) for im in images[s:s + batch_size]])
-        embeds = model.embed(ids.to(model.device), pixels)
-        new = model.llm.generate(inputs_embeds=embeds, attention_mask=mask.to(model.device), generation_config=config)
+        embeds = model.embed(batch["input_ids"], pixels)
+        new = model.llm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], generation_config=config)
         out += tokenizer.batch_decode(new, skip_special_tokens=True)
     model.train(was_training)
     return out

@@ -7,6 +7,7 @@ import importlib.util
 import platform
 import shutil
 import sys
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -26,12 +27,6 @@ PACKAGES = ("transformers", "modelscope", "safetensors", "ipywidgets", "tensorbo
 class FlashAttnWheel(NamedTuple):
     name: str
     url: str
-
-
-def wheel_platform(system: str | None = None, machine: str | None = None) -> str:
-    """The platform tag flash-attn's release uses: ``linux_x86_64``, ``linux_aarch64``, ``win_amd64`` ..."""
-    system = (system or platform.system()).lower()
-    return "win_amd64" if system == "windows" else f"{system}_{machine or platform.machine()}"
 
 
 def _combo(torch_version: str, cuda_version: str, python_version, cxx11_abi: bool) -> tuple[str, str, str, str]:
@@ -90,7 +85,6 @@ class EnvReport:
     python: str
     platform: str
     torch: str
-    cuda_available: bool
     cuda_version: str | None            # the CUDA torch was built with (torch.version.cuda)
     cudnn: int | None
     cxx11_abi: bool
@@ -134,7 +128,8 @@ def collect(disk_paths=()) -> EnvReport:
     from .model.loading import pick_attention
     cuda = torch.cuda.is_available()
     abi = bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
-    versions = (torch.__version__, torch.version.cuda, sys.version_info[:2], abi, wheel_platform())
+    platform_tag = sysconfig.get_platform().replace("-", "_").replace(".", "_")  # linux_x86_64, win_amd64 ...
+    versions = (torch.__version__, torch.version.cuda, sys.version_info[:2], abi, platform_tag)
     gpus = []
     for i in range(torch.cuda.device_count() if cuda else 0):
         props = torch.cuda.get_device_properties(i)
@@ -149,7 +144,7 @@ def collect(disk_paths=()) -> EnvReport:
         disks.setdefault(p.stat().st_dev, DiskInfo(str(p), usage.free / GIB, usage.total / GIB))  # one per file system
     return EnvReport(
         python=platform.python_version(), platform=f"{platform.system()} {platform.machine()}",
-        torch=torch.__version__, cuda_available=cuda, cuda_version=torch.version.cuda,
+        torch=torch.__version__, cuda_version=torch.version.cuda,
         cudnn=torch.backends.cudnn.version() if cuda else None, cxx11_abi=abi, gpus=gpus,
         flash_attn=_version("flash-attn") or _version("flash_attn") if importlib.util.find_spec("flash_attn") else None,
         wheel=flash_attn_wheel(*versions), flash_attn_advice=flash_attn_advice(*versions),

@@ -1,15 +1,12 @@
 """Checkers for the notebooks' exercises: each prints a Chinese verdict and returns True or False, never raises.
 
 The blank a student fills is ``None``. Where the library already computes the answer, the checker asks the library
-(not a copy of the formula), so an exercise and the code it teaches cannot drift apart.
-"""
+(not a copy of the formula), so an exercise and the code it teaches cannot drift apart."""
 import math
 
 import torch
 
 from . import process
-
-OK = "✓ 正确！"
 
 
 def _blank(answer, what: str) -> bool:
@@ -20,7 +17,7 @@ def _blank(answer, what: str) -> bool:
 
 
 def _verdict(ok: bool, praise: str, hint: str) -> bool:
-    print(OK + praise if ok else "还不对：" + hint)
+    print("✓ 正确！" + praise if ok else "还不对：" + hint)
     return bool(ok)
 
 

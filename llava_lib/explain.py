@@ -2,7 +2,9 @@
 sees it, held-out images, TensorBoard routes, and the LLM words nearest to each projected image patch."""
 from __future__ import annotations
 
+import itertools
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,36 +42,20 @@ def _fold_image_block(text: str) -> str:
 def describe_sample(batch: dict, tokenizer, i: int = 0) -> str:
     """Sample ``i`` of a training batch as the LLM sees it: image block folded, the tokens that carry loss
     (labels != -100) between ``⟦`` and ``⟧``, padding left out."""
-    ids = batch["input_ids"][i]
     mask = batch["attention_mask"][i].bool()
-    ids = ids[mask].tolist()
-    labels = batch["labels"][i][mask].tolist()
+    ids, labels = batch["input_ids"][i][mask].tolist(), batch["labels"][i][mask].tolist()
     vs, ve, pad = tokenizer.convert_tokens_to_ids([VISION_START, VISION_END, IMAGE_PAD])
-    # Decode span by span, opening and closing the loss brackets where the label mask changes.
-    pieces, span, in_loss = [], [], False
-    for tok, lab in zip(ids, labels):
-        carries = lab != IGNORE_INDEX
-        if carries != in_loss:
-            pieces.append(tokenizer.decode(span, skip_special_tokens=False))
-            pieces.append("⟦" if carries else "⟧")
-            span, in_loss = [], carries
-        span.append(tok)
-    pieces.append(tokenizer.decode(span, skip_special_tokens=False))
-    if in_loss:
-        pieces.append("⟧")
-    text = _fold_image_block("".join(pieces))
-    n_img = ids.count(pad)
-    n_loss = sum(lab != IGNORE_INDEX for lab in labels)
-    lines = [f"样本 {i}：共 {len(ids)} 个词元（其中图片占位 {n_img} 个），计算损失的词元 {n_loss} 个"]
+    spans = [(carries, tokenizer.decode([t for t, _ in span], skip_special_tokens=False))
+             for carries, span in itertools.groupby(zip(ids, labels), key=lambda t: t[1] != IGNORE_INDEX)]
+    text = _fold_image_block("".join(f"⟦{s}⟧" if carries else s for carries, s in spans))
+    loss_ids = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    lines = [f"样本 {i}：共 {len(ids)} 个词元（其中图片占位 {ids.count(pad)} 个），计算损失的词元 {len(loss_ids)} 个"]
     if vs in ids and ve in ids:
         a, b = ids.index(vs), ids.index(ve)
         lines.append(f"图片块：第 {a}–{b} 个词元 = {VISION_START}({vs}) + {b - a - 1} × {IMAGE_PAD}({pad}) "
                      f"+ {VISION_END}({ve})；投影后的图片特征写在这 {b - a - 1} 个位置上")
-    lines.append("———— LLM 看到的文本（⟦ ⟧ 里的词元计算损失）————")
-    lines.append(text)
-    loss_ids = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
-    lines.append("———— 计算损失的词元（逐个）————")
-    lines.append(" | ".join(repr(tokenizer.decode([t], skip_special_tokens=False))[1:-1] for t in loss_ids))
+    lines += ["———— LLM 看到的文本（⟦ ⟧ 里的词元计算损失）————", text, "———— 计算损失的词元（逐个）————",
+              " | ".join(repr(tokenizer.decode([t], skip_special_tokens=False))[1:-1] for t in loss_ids)]
     return "\n".join(lines)
 
 
@@ -117,7 +103,7 @@ REAL_CLIP_VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_lay
                          image_size=224, patch_size=16, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
-def real_size_model(projector_type: str = "linear"):
+def real_size_model():
     """The real run's model with no weights (PyTorch's ``meta`` device): its shapes and parameter counts, no download."""
     import torch
     from transformers import ChineseCLIPVisionConfig, ChineseCLIPVisionModel, Qwen3Config, Qwen3ForCausalLM
@@ -125,7 +111,7 @@ def real_size_model(projector_type: str = "linear"):
     from .model import LlavaStage1, VisionTower
     with torch.device("meta"):
         vision = VisionTower(ChineseCLIPVisionModel(ChineseCLIPVisionConfig(**REAL_CLIP_VIT_B16)))
-        return LlavaStage1(vision, Qwen3ForCausalLM(Qwen3Config(**REAL_QWEN3_0_6B)), projector_type)
+        return LlavaStage1(vision, Qwen3ForCausalLM(Qwen3Config(**REAL_QWEN3_0_6B)))
 
 
 # ----------------------------------------------------------------------------------------------- alignment
@@ -135,7 +121,6 @@ class PatchWords:
     ids: list[list[int]]        # [patches][k] token ids, nearest first
     tokens: list[list[str]]     # [patches][k] the same, decoded
     scores: list[list[float]]   # [patches][k] cosine similarities
-    grid: int
     n_candidates: int           # how many embedding rows were searched
 
 
@@ -158,8 +143,7 @@ def nearest_words(model, tokenizer, image, k: int = 5) -> PatchWords:
         scores, idx = sims.topk(min(k, len(rows)), dim=-1)
     ids = rows[idx].tolist()
     tokens = [[tokenizer.decode([t], skip_special_tokens=False) for t in row] for row in ids]
-    grid = int(round(proj.shape[0] ** 0.5))
-    return PatchWords(ids, tokens, scores.tolist(), grid, len(rows))
+    return PatchWords(ids, tokens, scores.tolist(), len(rows))
 
 
 def _hits(pw: PatchWords, patches, token_ids, k: int | None) -> int:
@@ -187,12 +171,11 @@ def alignment_report(pw: PatchWords, regions, k: int | None = None, most: float 
 def alignment_summary(words, regions, k: int | None = None, most: float = 0.5) -> str:
     """The same over several images (one :class:`PatchWords` and region list each), patches pooled by kind: one
     line per kind, without exact shares (they move a little between machines)."""
-    pooled: dict[str, list[int]] = {}
+    hits, total = Counter(), Counter()
     for pw, regs in zip(words, regions, strict=True):
         for _, patches, expected in regs:
             for kind, ids in expected.items():
-                hits_total = pooled.setdefault(kind, [0, 0])
-                hits_total[0] += _hits(pw, patches, ids, k)
-                hits_total[1] += len(patches)
-    return "\n".join(f"{kind}：{'过半的图块 ✓' if total and hits / total >= most else '不到一半的图块 ✗'}"
-                     for kind, (hits, total) in pooled.items())
+                hits[kind] += _hits(pw, patches, ids, k)
+                total[kind] += len(patches)
+    return "\n".join(f"{kind}：{'过半的图块 ✓' if n and hits[kind] / n >= most else '不到一半的图块 ✗'}"
+                     for kind, n in total.items())

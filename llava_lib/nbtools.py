@@ -3,11 +3,7 @@
 A *checked* cell (a line ``# NBVAL_CHECK_OUTPUT`` or the tag ``nbval-check-output``: nbval's own rule) keeps its
 outputs, the reference ``pytest --nbval-lax`` compares against, with a stable execution count (its position among
 the code cells): nbval refuses a reference cell with outputs and no count, and a stable one leaves no diff.
-
-    python -m llava_lib.nbtools strip notebooks/*.ipynb     # strip in place (nbstripout)
-    python -m llava_lib.nbtools check notebooks/*.ipynb     # exit 1 and list the cells that carry outputs
-    python -m llava_lib.nbtools refresh notebooks/*.ipynb   # execute in the notebook's folder, then strip
-"""
+``python -m llava_lib.nbtools strip|check|refresh notebooks/*.ipynb`` (``check`` exits 1 on a dirty notebook)."""
 from __future__ import annotations
 
 import argparse
@@ -77,18 +73,17 @@ def strip_file(path) -> int:
     return len(problems)
 
 
-def execute_file(path, timeout: int = 1200, kernel_name: str = "python3") -> None:
+def execute_file(path, timeout: int = 1200) -> None:
     """Run a notebook top to bottom in a fresh kernel in its folder, as nbval does (skipping the cells nbval skips),
     and keep the checked cells' new outputs."""
-    from nbclient import NotebookClient
+    from nbclient import execute
     path = Path(path).resolve()
     nb = nbformat.read(path, as_version=4)
     run = copy.deepcopy(nb)
     for cell in run.cells:
         if _marked(cell, "NBVAL_SKIP", "nbval-skip"):
             cell.metadata.setdefault("tags", []).append("nbval-skip")
-    NotebookClient(run, timeout=timeout, kernel_name=kernel_name, skip_cells_with_tag="nbval-skip",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    execute(run, cwd=str(path.parent), timeout=timeout, kernel_name="python3", skip_cells_with_tag="nbval-skip")
     for cell, done in zip(nb.cells, run.cells):
         if is_checked(cell):
             cell.outputs = done.get("outputs", [])

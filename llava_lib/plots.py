@@ -10,6 +10,7 @@ import base64
 import functools
 import html
 import io
+import itertools
 import time
 from pathlib import Path
 from typing import Sequence
@@ -48,9 +49,7 @@ def label(zh, en: str = "") -> str:
     return zh if chinese_font() or zh.isascii() else en
 
 
-def _finish(fig: Figure, title: str | None = None) -> Figure:
-    if title:
-        fig.suptitle(label(title))
+def _finish(fig: Figure) -> Figure:
     fig.tight_layout()
     plt.close(fig)  # shown once, as the cell's value, not again by the inline backend
     return fig
@@ -77,11 +76,6 @@ def thumbnail_uri(image, size: int = 224) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(thumbnail_jpeg(image, size)).decode("ascii")
 
 
-def _figures(items: list[str], title: str | None, style: str) -> HTML:
-    head = f'<div style="font-weight:bold;margin:4px 0;">{html.escape(title)}</div>' if title else ""
-    return HTML(f'{head}<div style="{style}">{"".join(items)}</div>')
-
-
 def _figure(inner: str, caption: str, size: int) -> str:
     return (f'<figure style="margin:0;width:{size}px;">{inner}<figcaption style="font-size:12px;line-height:1.4;'
             f'white-space:pre-wrap;word-break:break-word;">{html.escape(caption)}</figcaption></figure>')
@@ -95,7 +89,9 @@ def image_grid(images: Sequence, captions: Sequence[str] | None = None, ncols: i
         raise ValueError(f"图片数（{len(images)}）与说明文字数（{len(captions)}）不一致。")
     cells = [_figure(f'<img src="{thumbnail_uri(im, size)}" style="width:{size}px;height:auto;border-radius:4px;"/>',
                      cap, size) for im, cap in zip(images, captions)]
-    return _figures(cells, title, f"display:grid;grid-template-columns:repeat({ncols},{size}px);gap:10px;")
+    head = f'<div style="font-weight:bold;margin:4px 0;">{html.escape(title)}</div>' if title else ""
+    grid = f"display:grid;grid-template-columns:repeat({ncols},{size}px);gap:10px;"
+    return HTML(f'{head}<div style="{grid}">{"".join(cells)}</div>')
 
 
 def topk_grid(images: Sequence, matches, captions: Sequence[str] | None = None, names: Sequence[str] | None = None,
@@ -109,12 +105,12 @@ def topk_grid(images: Sequence, matches, captions: Sequence[str] | None = None, 
 
 
 def patch_word_grid(images: Sequence, words: Sequence[Sequence], titles: Sequence[str] | None = None,
-                    size: int = 448, faint: Sequence[str] = ("<|image_pad|>",), title: str | None = None) -> HTML:
+                    size: int = 448) -> HTML:
     """Each image squashed to a square (as the vision tower sees it) under its grid of patches, the words of each
     patch written in it (``words``: per image, row-major, a word or a list of words per patch, one line each).
-    ``faint`` words (the image-block filler) are left out, and a patch whose first word is one becomes a dot, so
-    the objects' words stand out."""
-    from .process import resize_square
+    The image-block filler is left out, and a patch whose first word is it becomes a dot, so the objects' words
+    stand out."""
+    from .process import IMAGE_PAD, resize_square
     if len(words) != len(images):
         raise ValueError(f"图片数（{len(images)}）与词表格数（{len(words)}）不一致。")
     figures = []
@@ -125,8 +121,8 @@ def patch_word_grid(images: Sequence, words: Sequence[Sequence], titles: Sequenc
         cells = []
         for w in cell_words:
             ranked = [w] if isinstance(w, str) else list(w)
-            dot = not ranked or ranked[0] in faint
-            shown = "·" if dot else "\n".join(html.escape(t.strip() or repr(t)) for t in ranked if t not in faint)
+            dot = not ranked or ranked[0] == IMAGE_PAD
+            shown = "·" if dot else "\n".join(html.escape(t.strip() or repr(t)) for t in ranked if t != IMAGE_PAD)
             cells.append(f'<div style="border:1px solid rgba(255,255,255,0.35);display:flex;align-items:center;'
                          f'justify-content:center;overflow:hidden;font-size:{max(8, size // n // 3)}px;'
                          f'line-height:1.05;text-align:center;white-space:pre-line;font-weight:'
@@ -137,7 +133,7 @@ def patch_word_grid(images: Sequence, words: Sequence[Sequence], titles: Sequenc
             f'absolute;width:{size}px;height:{size}px;opacity:0.75;"/><div class="llava-patch-grid" style="position:'
             f'absolute;inset:0;display:grid;grid-template-columns:repeat({n},1fr);grid-template-rows:repeat({n},1fr);">'
             + "".join(cells) + "</div></div>", sub, size))
-    return _figures(figures, title, "display:flex;flex-wrap:wrap;gap:12px;")
+    return HTML(f'<div style="display:flex;flex-wrap:wrap;gap:12px;">{"".join(figures)}</div>')
 
 
 # ----------------------------------------------------------------------------------------------- charts
@@ -155,10 +151,10 @@ def similarity_bars(names: Sequence[str], scores: Sequence[float], title: str | 
     return _finish(fig)
 
 
-def length_histogram(lengths: Sequence[int], bins: int = 30, limit: int | None = None,
-                     unit: str = "Qwen 词元") -> Figure:
-    """Histogram of caption lengths, with the mean and (optionally) the training length limit marked."""
+def length_histogram(lengths: Sequence[int], limit: int | None = None) -> Figure:
+    """Histogram of caption lengths (Qwen tokens), with the mean and (optionally) the training length limit marked."""
     arr = np.asarray(lengths)
+    bins = 30
     if arr.max() - arr.min() <= 2 * bins:  # few distinct lengths: one bar per length
         bins = np.arange(arr.min(), arr.max() + 2) - 0.5
     fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -169,13 +165,13 @@ def length_histogram(lengths: Sequence[int], bins: int = 30, limit: int | None =
         over = float((arr > limit).mean())
         ax.axvline(limit, color="tab:red",
                    label=label(f"上限 {limit}（超出 {over:.1%}）", f"limit {limit} ({over:.1%} over)"))
-    ax.set_xlabel(label(f"描述长度（{unit}）", "caption length (tokens)"))
+    ax.set_xlabel(label("描述长度（Qwen 词元）", "caption length (tokens)"))
     ax.set_ylabel(label("样本数", "samples"))
     ax.legend()
     return _finish(fig)
 
 
-def throughput_bars(results: dict, unit: str = "样本/秒") -> Figure:
+def throughput_bars(results: dict) -> Figure:
     """Bars of samples/s, the ratio of the last to the first in the title. ``results``: ``{name: per_s}`` or
     ``{name: measure_loader(...)}``; a name is a string or a ``(中文, english)`` pair."""
     names = [label(n) if isinstance(n, tuple) else label(str(n), f"#{i}") for i, n in enumerate(results)]
@@ -184,7 +180,7 @@ def throughput_bars(results: dict, unit: str = "样本/秒") -> Figure:
     bars = ax.bar(range(len(values)), values, color=["tab:gray"] + ["tab:green"] * (len(values) - 1))
     ax.set_xticks(range(len(values)), names)
     ax.bar_label(bars, fmt="%.0f")
-    ax.set_ylabel(label(unit, "samples/s"))
+    ax.set_ylabel(label("样本/秒", "samples/s"))
     if len(values) > 1 and values[0] > 0:
         ratio = values[-1] / values[0]
         ax.set_title(label(f"{names[-1]} 是 {names[0]} 的 {ratio:.1f} 倍", f"{names[-1]} / {names[0]} = {ratio:.1f}x"))
@@ -196,8 +192,8 @@ class LiveLossPlot:
     """``train(config, on_log=LiveLossPlot())``: redraws loss (and learning rate) in place as training logs, through
     a display handle in a notebook. ``every`` skips redraws (each costs ~0.1 s)."""
 
-    def __init__(self, every: int = 1, title: str | None = None):
-        self.every, self.title, self.calls = max(1, every), title, 0
+    def __init__(self, every: int = 1):
+        self.every, self.calls = max(1, every), 0
         self.fig, (self.ax_loss, self.ax_lr) = plt.subplots(1, 2, figsize=(10, 3.2),
                                                             gridspec_kw={"width_ratios": [3, 1.3]})
         plt.close(self.fig)
@@ -226,8 +222,6 @@ class LiveLossPlot:
         self.ax_loss.set(xlabel=label("步数", "step"), ylabel="loss")
         self.ax_lr.set(xlabel=label("步数", "step"), title=label("学习率", "learning rate"))
         self.ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-        if self.title:
-            self.fig.suptitle(label(self.title))
         self.fig.tight_layout()
         if get_ipython() is not None:  # tests and terminals only keep the figure up to date
             if self._handle is None:
@@ -245,34 +239,30 @@ def measure_loader(dataset, batch_size: int = 32, num_workers: int = 0, max_batc
 
     from . import data
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=data.collate_images)
-    n = skipped = 0
-    marks = []
+    n, skipped, marks = 0, 0, []
     t0 = time.perf_counter()
-    for b, batch in enumerate(loader):
+    for batch in itertools.islice(loader, max_batches):
         n += len(batch["row_ids"])
         skipped += len(batch["skipped"])
         marks.append((n, time.perf_counter() - t0))
-        if max_batches is not None and b + 1 >= max_batches:
-            break
     seconds = time.perf_counter() - t0
     return {"samples": n, "skipped": skipped, "seconds": seconds, "per_s": n / max(seconds, 1e-9), "marks": marks}
 
 
 def speed_intervals(marks: Sequence[tuple[int, float]], every: int = 4) -> list[dict]:
-    """Cut a pass's ``marks`` into intervals of ``every`` batches: ``end`` (samples read), ``samples``, ``seconds``,
-    ``per_s``, ``ms_per_sample``. The first includes the loader's start-up, so it is often slower."""
+    """Cut a pass's ``marks`` into intervals of ``every`` batches: ``end`` (samples read), ``per_s``,
+    ``ms_per_sample``. The first includes the loader's start-up, so it is often slower."""
     out, prev_n, prev_t = [], 0, 0.0
     for n, t in list(marks[every - 1::every]) + ([marks[-1]] if len(marks) % every else []):
         if n == prev_n:  # only skipped samples in this interval
             continue
         dt = max(t - prev_t, 1e-9)
-        out.append({"end": n, "samples": n - prev_n, "seconds": dt, "per_s": (n - prev_n) / dt,
-                    "ms_per_sample": 1000 * dt / (n - prev_n)})
+        out.append({"end": n, "per_s": (n - prev_n) / dt, "ms_per_sample": 1000 * dt / (n - prev_n)})
         prev_n, prev_t = n, t
     return out
 
 
-def loader_speed(result: dict, every: int = 4, title: str | None = None) -> Figure:
+def loader_speed(result: dict, every: int = 4) -> Figure:
     """One :func:`measure_loader` pass as the original course's ``dataset_test`` reported it: speed per interval
     of ``every`` batches against the mean (left), time per sample per interval (right)."""
     parts = speed_intervals(result["marks"], every)
@@ -291,4 +281,4 @@ def loader_speed(result: dict, every: int = 4, title: str | None = None) -> Figu
     ax_ms.axhline(mean_ms, color="tab:gray", linestyle="--")
     ax_ms.set(xlabel=label("区间结束时的样本数", "samples read at interval end"), ylabel=label("毫秒/样本", "ms/sample"),
               title=label(f"平均每个样本 {mean_ms:.2f} 毫秒", f"mean {mean_ms:.2f} ms/sample"))
-    return _finish(fig, title)
+    return _finish(fig)

@@ -1,9 +1,8 @@
 """ipywidgets chat cells: ``TextChatWidget`` (01_qwen3_chat) and ``ImageChatWidget`` (05_llava_chat).
 
-Generation and image loading run in a worker thread, so the kernel stays free to handle 停止, which sets the
-``threading.Event`` that ``ChatSession.stream`` checks. The worker only assigns widget traits (JupyterLab renders
-them from any thread); every error ends up in the widget's error line, not in a log.
-"""
+Generation and image loading run in a worker thread, so the kernel stays free to handle 停止 (it sets the event
+``ChatSession.stream`` checks). The worker only assigns widget traits (JupyterLab renders them from any thread);
+every error ends up in the widget's error line, not in a log."""
 from __future__ import annotations
 
 import html
@@ -121,8 +120,8 @@ class _ChatWidgetBase:
         self.clear_button = self._button(self.clear_label, "llava-chat-clear", self.clear, "", "清空对话记录")
         self.status_line = W.HTML().add_class("llava-chat-status")
         self.error_line = W.HTML().add_class("llava-chat-error")
+        self._render_history()
 
-    # ---- public API
     @property
     def busy(self) -> bool:
         """True while a reply is generated (or an image loaded) in the worker thread."""
@@ -136,8 +135,7 @@ class _ChatWidgetBase:
 
     @property
     def history(self) -> list[dict]:
-        """The session's turns (what the model will see next time)."""
-        return list(self.session.history)
+        return list(self.session.history)  # what the model sees next time
 
     @property
     def history_html(self) -> str:
@@ -188,7 +186,6 @@ class _ChatWidgetBase:
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
 
-    # ---- worker
     def _start(self, task: str, target, *args) -> None:
         self._show_error("")
         self._stop_event = threading.Event()
@@ -241,7 +238,6 @@ class _ChatWidgetBase:
         if len(self.session.history) != before + 2:
             self._render_history()
 
-    # ---- view
     def _show_messages(self, messages: list[_Message]) -> None:
         dropped = [m for m in self._messages if m not in messages]
         self._messages = messages
@@ -297,7 +293,6 @@ class TextChatWidget(_ChatWidgetBase):
                                        ).add_class("llava-chat-thinking")
         self.system_box.observe(self._guard(self._on_system), "value")
         self.thinking.observe(self._guard(self._on_thinking), "value")
-        self._render_history()
         self.widget = W.VBox([W.HTML("<b>系统提示词</b>"), self.system_box, self.thinking, *self._chat_column()],
                              layout={"width": "100%", "max_width": "900px"}).add_class("llava-chat")
         self.widget.add_class("llava-text-chat")
@@ -370,7 +365,6 @@ class ImageChatWidget(_ChatWidgetBase):
             self._load_and_apply(first, self.examples[0].name)
         else:
             self.image_caption.value = _grey("还没有图片：请选择示例图片、上传图片或输入网址。")
-        self._render_history()
         sources = W.VBox([self.image, self.image_caption, self.examples_dropdown, self.upload,
                           W.HBox([self.url, self.url_button]), self.new_image_button],
                          layout={"width": f"{THUMBNAIL_SIZE + 20}px", "min_width": "240px"})
@@ -378,7 +372,6 @@ class ImageChatWidget(_ChatWidgetBase):
         self.widget = W.HBox([sources, chat], layout={"width": "100%", "flex_flow": "row wrap"}).add_class("llava-chat")
         self.widget.add_class("llava-image-chat")
 
-    # ---- public API
     def new_image(self, source, name: str | None = None) -> bool:
         """Load ``source`` (path, URL, bytes of an uploaded file, PIL image) in the worker and start a new
         conversation with it; False if it could not start. On failure the old image and history stay."""
@@ -405,7 +398,6 @@ class ImageChatWidget(_ChatWidgetBase):
         self.examples_dropdown.index = current % len(self.examples) + 1  # the observer loads it
         return True
 
-    # ---- handlers
     def _on_example(self, change) -> None:
         if change["new"]:
             self.new_image(change["new"])
@@ -416,8 +408,8 @@ class ImageChatWidget(_ChatWidgetBase):
             self.upload.value = ()  # the same file can be uploaded again
             self.new_image(bytes(item["content"]), name=item.get("name") or "上传的图片")
 
-    # ---- loading (worker thread, or directly at construction)
     def _load_and_apply(self, source, label: str) -> None:
+        """Runs in the worker thread, or directly at construction."""
         try:
             image = decode_image(source, label) if isinstance(source, bytes) else load_image(source)
             if self._stop_event.is_set():

@@ -102,14 +102,14 @@ def test_nearest_words_finds_an_embedding_row_written_as_a_patch(qwen_tokenizer)
         model.projector.weight.zero_()
         model.projector.bias.copy_(target)
     pw = explain.nearest_words(model, qwen_tokenizer, torch.zeros(3, 224, 224), k=3)
-    assert pw.n_candidates == 1000 and pw.grid == 14
+    assert pw.n_candidates == 1000 and len(pw.ids) == 14 * 14
     assert all(row[0] == 321 for row in pw.ids)
     assert pw.scores[0][0] == pytest.approx(1.0, abs=1e-5) and pw.tokens[0][0] == qwen_tokenizer.decode([321])
 
 
 def test_word_share_and_report_count_patches():
     pw = explain.PatchWords(ids=[[1, 2], [3, 4], [2, 9]], tokens=[["a", "b"], ["c", "d"], ["b", "x"]],
-                            scores=[[0.9, 0.1]] * 3, grid=1, n_candidates=10)
+                            scores=[[0.9, 0.1]] * 3, n_candidates=10)
     assert explain.word_share(pw, [0, 1, 2], [2]) == pytest.approx(2 / 3)
     assert explain.word_share(pw, [0, 1, 2], [2], k=1) == pytest.approx(1 / 3)
     assert explain.word_share(pw, [], [2]) == 0.0
