@@ -1,8 +1,6 @@
-"""Build the mini world once (seeded, cached in ``build.json``) and check it by numbers.
-
-The real Qwen tokenizer and the mini Qwen3 are made in a child process while this one makes the scenes (JPEG files
-+ SA1B-format parquet), trains the mini Chinese-CLIP and fills the image cache through the data pipeline.
-"""
+"""Build the mini world once (seeded, cached in ``build.json``) and check it by numbers: a child process makes the
+real Qwen tokenizer and trains the mini Qwen3 while this one makes the scenes (JPEG files + SA1B-format parquet),
+trains the mini Chinese-CLIP and fills the image cache through the data pipeline."""
 import json
 import os
 import shutil

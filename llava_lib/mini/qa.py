@@ -1,10 +1,7 @@
-"""The mini world's Stage 2 corpus: Chinese questions and answers about scenes, in CogVLM-SFT-311K's layout.
-
-The questions take forms the mini LM never saw while it was built (the colour or shape at a position, is anything
-there, how many, is a shape there, follow-ups about 它 "it"), with short answers; a Stage-1-only model answers
-with caption-like sentences. Every token is one the mini LM already uses (its other embedding rows are zero and
-the mini Stage 2 keeps them frozen).
-"""
+"""The mini world's Stage 2 corpus (CogVLM-SFT-311K's layout): questions in forms the mini LM never saw while it was
+built (the colour or shape at a position, is anything there, how many, is a shape there, follow-ups about 它 "it")
+with short answers, which a Stage-1-only model answers with caption-like sentences. Every token is one the mini LM
+already uses (its other embedding rows are zero and the mini Stage 2 keeps them frozen)."""
 import json
 import re
 import shutil
