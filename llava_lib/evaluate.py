@@ -66,8 +66,7 @@ def load(checkpoint, profile: str | None = None, device=None):
     cfg, path = run_config(checkpoint, profile), Path(checkpoint).expanduser()
     if (path / RUN_INFO).is_file():
         return (*load_export(path, device), cfg)
-    model, tok, _ = load_trained(find_checkpoint(path), cfg.paths, device)
-    return model, tok, cfg
+    return (*load_trained(find_checkpoint(path), cfg.paths, device)[:2], cfg)
 
 
 def char_scores(pairs) -> dict:
