@@ -1,11 +1,8 @@
 """Evaluate a run (or its export) on its held-out split: greedy replies generated in batches, then scored.
 
-Stage 1: a caption of each of the first ``caption_eval_n`` held-out images; Stage 2: every answer of the first
-``answer_eval_n`` held-out conversations (the reference turns before it as history). Same items, prompt and token
-budget as the trainer's ``*_accuracy_after``. Scores: the profile's accuracy check (mini world), BLEU-4 and CIDEr
-over characters (pycocoevalcap's scorers, as COCO captions are scored), and for captions the reference-free
-CLIPScore ``2.5 * max(cos, 0)`` by the Chinese-CLIP model itself. The same replies are also timed one by one
-through the chat loop (``chat.caption`` / ``answer_turns``) for the speed-up of batching.
+The same items, prompt and token budget as the trainer's ``*_accuracy_after``; the scores (docs/EVALUATION.md): the
+profile's accuracy check, character BLEU-4 and CIDEr (pycocoevalcap) and for captions CLIPScore. The same replies
+are also timed one by one through the chat loop, for the speed-up of batching.
 """
 from __future__ import annotations
 
@@ -30,7 +27,6 @@ DEFAULT_N = {1: 100, 2: 50}      # when the run's config measured none
 CLIPSCORE_W = 2.5                # CLIPScore's weight (Hessel et al., 2021)
 
 
-# ------------------------------------------------------------------------------------------- loading
 def load_export(path, device=None):
     """An export back as ``(LlavaStage1, tokenizer)``, sharing its modules (its projector computes the same)."""
     from transformers import AutoTokenizer, LlavaForConditionalGeneration, Qwen3ForCausalLM
@@ -70,11 +66,9 @@ def load(checkpoint, profile: str | None = None, device=None):
     cfg, path = run_config(checkpoint, profile), Path(checkpoint).expanduser()
     if (path / RUN_INFO).is_file():
         return (*load_export(path, device), cfg)
-    model, tok, _ = load_trained(find_checkpoint(path), cfg.paths, device)
-    return model, tok, cfg
+    return (*load_trained(find_checkpoint(path), cfg.paths, device)[:2], cfg)
 
 
-# ------------------------------------------------------------------------------------------- scores
 def char_scores(pairs) -> dict:
     """Corpus BLEU-4 and CIDEr-D of ``(generated, reference)`` pairs over characters (pycocoevalcap)."""
     try:
@@ -101,7 +95,6 @@ def clip_scores(clip_path, images, pairs, device=None) -> dict:
     return {"clipscore": score([g for g, _ in pairs]), "clipscore_reference": score([r for _, r in pairs])}
 
 
-# ------------------------------------------------------------------------------------------ evaluate
 def evaluate(model, tokenizer, cfg: cfg_mod.TrainConfig, n: int | None = None, batch_size: int = 32,
              sequential_n: int = 20, clipscore: bool = True) -> dict:
     """Generate and score the run's held-out items; the first ``sequential_n`` items again one by one."""

@@ -1,16 +1,7 @@
-"""A trained run as a plain transformers LLaVA: ``LlavaForConditionalGeneration`` + ``LlavaProcessor``.
-
-``from_pretrained(OUT)`` on both is all that is needed (no ``llava_lib``), so tools made for llava-hf models
-(``lmms-eval --model llava_hf``, vLLM ...) can run it. The export computes exactly what the project computes:
-
-- the Chinese-CLIP ViT read at the run's ``feature_layer``, all 197 tokens (``vision_feature_select_strategy=
-  "full"``), before the post-layernorm: transformers' ``hidden_states[feature_layer]``;
-- ``mlp2x_gelu`` is LLaVA's ``linear_1 -> gelu -> linear_2``; a single ``linear`` is ``linear_1``, the identity
-  activation and an identity ``linear_2`` with zero bias (transformers' projector always has two layers);
-- Qwen3 as trained (a Stage 2 run's own LLM); the image token is ``<|image_pad|>``, already in the vocabulary;
-- the processor squashes to 224x224 (bicubic, no crop) with CLIP's mean/std, and its chat template writes the
-  image block where training put it and takes llava-hf messages as well as ``<image>`` strings.
-"""
+"""A trained run as a plain transformers LLaVA (``LlavaForConditionalGeneration`` + ``LlavaProcessor``), loadable
+without ``llava_lib`` by tools made for llava-hf models (lmms-eval, vLLM ...) and computing exactly what the project
+computes; docs/EVALUATION.md describes the mapping (all 197 tokens of ``feature_layer`` before the post-layernorm, a
+``linear`` projector as ``linear_1`` + identity, the image block where training put it)."""
 from __future__ import annotations
 
 import argparse

@@ -1,9 +1,6 @@
-"""The mini world: a small, seeded, offline world in which the whole pipeline really learns on a CPU.
-
-``python -m llava_lib.mini build`` / ``check``. The builder loads on first use, so importing a small piece such
-as ``llava_lib.mini.scenes`` stays cheap. (``build``/``check`` are not re-exported: the submodule ``build`` would
-shadow them once imported; call ``llava_lib.mini.build.build``.)
-"""
+"""The mini world: a small, seeded, offline world in which the whole pipeline really learns on a CPU. The builder
+loads on first use, so importing ``llava_lib.mini.scenes`` stays cheap; ``build`` itself is not re-exported (the
+submodule of that name would shadow it once imported): call ``llava_lib.mini.build.build``."""
 __all__ = ["MINI_URL_BASE", "BuildSpec", "url_rewrite"]
 
 

@@ -1,8 +1,6 @@
-"""Build the mini world once (seeded, cached in ``build.json``) and check it by numbers.
-
-The real Qwen tokenizer and the mini Qwen3 are made in a child process while this one makes the scenes (JPEG files
-+ SA1B-format parquet), trains the mini Chinese-CLIP and fills the image cache through the data pipeline.
-"""
+"""Build the mini world once (seeded, cached in ``build.json``) and check it by numbers: a child process makes the
+real Qwen tokenizer and trains the mini Qwen3 while this one makes the scenes (JPEG files + SA1B-format parquet),
+trains the mini Chinese-CLIP and fills the image cache through the data pipeline."""
 import json
 import os
 import shutil
@@ -90,10 +88,8 @@ def _manifest_ok(root: Path, spec: BuildSpec) -> bool:
 
 
 def build(root: Path | None = None, spec: BuildSpec = BuildSpec(), force: bool = False) -> dict:
-    """Build (or reuse) the mini world in ``root`` (default ``config.mini_root()``); returns build.json.
-
-    A lock file next to ``root`` makes a second build at once (two notebooks) wait, then reuse the first one's.
-    """
+    """Build (or reuse) the mini world in ``root`` (default ``config.mini_root()``); returns build.json. A lock file
+    next to ``root`` makes a second build at once (two notebooks) wait, then reuse the first one's."""
     root = Path(root or config.mini_root())
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(root.parent / f".{root.name}.lock"):
@@ -210,17 +206,15 @@ def _build_steps(root: Path, spec: BuildSpec, t0: float) -> None:
             prepare_cache(root / src, root / "cache" / split, url_rewrite=url_rewrite(root), workers=4, progress=False)
         lap("cache")
 
-        _log("5/6 检查 CLIP：文本 → 图片检索准确率 ...")
-        clip_metrics = check_clip(root, spec.seed)
-        lap("check_clip")
-        _log("6/6 等迷你 Qwen3 训练完，检查它对真/乱序描述的损失 ...")
+        _log("5/6 等迷你 Qwen3 训练完 ...")
         llm_proc.wait()
         lap("llm_wait")
     finally:
         llm_proc.kill()
-    lm_metrics = check_lm(root, spec.seed)
-    lap("check_lm")
-    meta = {"spec": asdict(spec), "metrics": _verdict(clip_metrics, lm_metrics), "seconds": round(time.time() - t0, 1),
+    _log("6/6 检查：CLIP 文本 → 图片检索准确率，迷你 Qwen3 对真/乱序描述的损失 ...")
+    metrics = check(root, spec.seed)
+    lap("check")
+    meta = {"spec": asdict(spec), "metrics": metrics, "seconds": round(time.time() - t0, 1),
             "timings": {k: round(v, 1) for k, v in timings.items()}, "torch": torch.__version__}
     atomic_write_json(root / "build.json", meta)
     _log(f"完成，用时 {meta['seconds']} 秒：{root}")
@@ -236,17 +230,13 @@ def held_out_scenes(root: Path | None = None, n: int | None = None, seed: int | 
     return sc.make_scenes(n, seed + 1)
 
 
-def check(root: Path | None = None) -> dict:
+def check(root: Path | None = None, seed: int | None = None) -> dict:
     """The numbers that say the mini world is usable, computed from the saved directories."""
     root = Path(root or config.mini_root())
-    return _verdict(check_clip(root), check_lm(root))
-
-
-def _verdict(clip_metrics: dict, lm_metrics: dict) -> dict:
-    top1 = clip_metrics["clip_text_to_image_top1"]
+    clip_metrics, lm_metrics = check_clip(root, seed), check_lm(root, seed)
     true_loss, shuffled_loss = lm_metrics["lm_loss_true_vs_shuffled"]
-    return {**clip_metrics, **lm_metrics,
-            "ok": bool(top1 >= TOP1_MIN and true_loss * LOSS_RATIO_MAX < shuffled_loss)}
+    ok = clip_metrics["clip_text_to_image_top1"] >= TOP1_MIN and true_loss * LOSS_RATIO_MAX < shuffled_loss
+    return {**clip_metrics, **lm_metrics, "ok": bool(ok)}
 
 
 def _top1(sim: torch.Tensor, captions: list[str], gallery: int) -> float:
@@ -276,8 +266,8 @@ def check_clip(root: Path, seed: int | None = None) -> dict:
 
 
 @torch.no_grad()
-def check_lm(root: Path, seed: int | None = None, n: int = 50) -> dict:
-    """Mean loss of the saved mini LM on the first ``n`` held-out captions, true vs. with shuffled tokens."""
+def check_lm(root: Path, seed: int | None = None) -> dict:
+    """Mean loss of the saved mini LM on the first 50 held-out captions, true vs. with shuffled tokens."""
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
     from .loss import zero_rows_head_loss
@@ -296,7 +286,7 @@ def check_lm(root: Path, seed: int | None = None, n: int = 50) -> dict:
         return float(head_loss(llm.lm_head, llm.model(input_ids=ids).last_hidden_state, labels).loss)
 
     true_l, shuf_l = [], []
-    for s in held_out_scenes(root, n, seed):
+    for s in held_out_scenes(root, 50, seed):
         ids = tok(s.caption, add_special_tokens=False)["input_ids"]
         perm = list(ids)
         rng.shuffle(perm)

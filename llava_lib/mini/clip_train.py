@@ -42,11 +42,8 @@ def mini_clip_config(text_vocab_size: int, width: int = 96, layers: int = 3) -> 
 
 
 def init_grid_positions(vision_model, scale: float = 0.5) -> None:
-    """Start the patch position embeddings as 2-D sines and cosines of (row, column) instead of N(0, 0.02).
-
-    A patch inside a shape (one flat colour) learns the shape only once attention finds the object's other
-    patches; knowing rows and columns from the first step makes that early. The embeddings stay trainable.
-    """
+    """Start the (trainable) patch position embeddings as 2-D sines and cosines of (row, column): a patch inside a
+    flat-coloured shape learns the shape only once attention finds the object's other patches, sooner so."""
     emb = vision_model.embeddings.position_embedding.weight
     side = int(round((emb.shape[0] - 1) ** 0.5))
     quarter = emb.shape[1] // 4
@@ -74,11 +71,9 @@ def cell_targets(scene: Scene) -> np.ndarray:
 
 
 def scene_codes(scenes, dim: int = 64) -> torch.Tensor:
-    """``[N, dim]`` unit vectors that spell each scene: per cell, a one-hot colour and a one-hot shape.
-
-    Both towers' embeddings are also pulled towards them: scenes differing in one attribute of one cell sit at
-    cosine 7/8, so retrieval works once each tower reads every cell right (what 400M pairs teach a real CLIP).
-    """
+    """``[N, dim]`` unit vectors spelling each scene (per cell a one-hot colour and shape) that both towers are
+    pulled towards: scenes differing in one attribute of one cell sit at cosine 7/8, so retrieval works once each
+    tower reads every cell right (what 400M pairs teach a real CLIP)."""
     assert dim >= N_CELLS * CODE_BLOCK
     out = np.zeros((len(scenes), dim), dtype=np.float32)
     for i, scene in enumerate(scenes):
@@ -127,8 +122,7 @@ def render_batch(scenes) -> torch.Tensor:
 
 def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
     """``[B,3,H,W]`` uint8 -> CLIP-normalised float (the numbers of ``process.clip_transform``), in one buffer."""
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return images.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)
 
 
@@ -170,17 +164,15 @@ class _Heads(nn.Module):
 def train_clip(scenes: list[Scene], tokenizer, *, vision_steps: int = 1000, steps: int = 200, batch: int = 16,
                text_steps: int = 300, text_batch: int = 32, text_scenes: list[Scene] | None = None,
                lr: float = 5e-3, seed: int = 0, log=print) -> ChineseCLIPModel:
-    """Three phases with fixed step counts (deterministic for a seed):
+    """Three phases with fixed step counts (deterministic for a seed): 1. the text side alone (cheap): per-character
+    object codes and the layout from [CLS]; 2. the image side alone (``vision_steps``, ~1,000 as an interior patch
+    learns its shape only once attention gathers the object's edges): per-patch object codes and the layout from the
+    pooled feature; 3. both sides (``steps``): CLIP's contrastive loss on top.
 
-    1. Text side alone (cheap): per-character object codes and the layout from [CLS].
-    2. Image side alone (``vision_steps``): per-patch object codes and the layout from the pooled feature. An
-       interior patch learns its shape only once attention gathers the object's edges: ~1,000 steps.
-    3. Both sides (``steps``): CLIP's contrastive loss on top.
-    Phases 2 and 3 read ``scenes`` in order, each seen once (no memorising), so give at least
-    ``(vision_steps + steps) * batch``. There a throw-away linear head also regresses ``scenes.patch_words`` (the
-    image words the mini LM reads) from the last patch tokens, so that *some* linear map to the LM's word space
-    exists, as for a real CLIP and LLM. It needs no LM, so the two train at once; Stage 1 still has to find the map.
-    """
+    Phases 2 and 3 read ``scenes`` in order, each once (no memorising): give ``(vision_steps + steps) * batch``.
+    There a throw-away linear head also regresses ``scenes.patch_words`` (the image words the mini LM reads) from
+    the last patch tokens, so that *some* linear map to the LM's word space exists, as for a real CLIP and LLM; it
+    needs no LM, so the two train at once. Stage 1 still has to find the map."""
     torch.manual_seed(seed)
     model = ChineseCLIPModel(mini_clip_config(len(tokenizer)))
     init_grid_positions(model.vision_model)

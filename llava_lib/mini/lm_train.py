@@ -197,9 +197,8 @@ def train_llm(tokenizer, scenes: list[Scene], *, steps: int = 600, batch: int = 
 
 
 def image_word_regions(scene: Scene, tokenizer) -> list[tuple[str, np.ndarray, dict[str, list[int]]]]:
-    """Each object of ``scene``, then the background: ``(name, patches, {kind: token ids})`` with the tokens the LM
-    reads on those patches (``patch_words``): the colour's and the position's on all of an object's patches (the
-    shape's only on its outline, so it is left out here), the filler ``<|image_pad|>`` on the background."""
+    """Each object of ``scene``, then the background: ``(name, patches, {kind: token ids})``, the tokens the LM reads
+    on all those patches (``patch_words``; an object's shape is left out, being only on its outline)."""
     owner = patch_layout(scene)[0]
     regions = [(f"{o.position}的{o.color}{o.shape}", np.flatnonzero(owner == i),
                 {"颜色词": [hint_id(tokenizer, o.color)], "位置词": word_ids(tokenizer, o.position)})

@@ -1,10 +1,7 @@
-"""The mini world's Stage 2 corpus: Chinese questions and answers about scenes, in CogVLM-SFT-311K's layout.
-
-The questions take forms the mini LM never saw while it was built (the colour or shape at a position, is anything
-there, how many, is a shape there, follow-ups about 它 "it"), with short answers; a Stage-1-only model answers
-with caption-like sentences. Every token is one the mini LM already uses (its other embedding rows are zero and
-the mini Stage 2 keeps them frozen).
-"""
+"""The mini world's Stage 2 corpus (CogVLM-SFT-311K's layout): questions in forms the mini LM never saw while it was
+built (the colour or shape at a position, is anything there, how many, is a shape there, follow-ups about 它 "it")
+with short answers, which a Stage-1-only model answers with caption-like sentences. Every token is one the mini LM
+already uses (its other embedding rows are zero and the mini Stage 2 keeps them frozen)."""
 import json
 import re
 import shutil
@@ -52,16 +49,15 @@ def multi_turn(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
     return turns
 
 
-def write_corpus(root: Path, seed: int, n_single: int = N_SINGLE, n_multi: int = N_MULTI,
-                 n_text_train: int = N_TEXT_TRAIN, n_text_eval: int = N_TEXT_EVAL) -> Path:
+def write_corpus(root: Path, seed: int) -> Path:
     """Write ``root/<subset>/images/NNNNNNNN.jpg`` + ``labels_zh/NNNNNNNN.json`` and the two text-only files,
     into a temp folder renamed at the end (a half-written corpus is never taken for a finished one)."""
     root = Path(root)
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     rng = np.random.default_rng(seed + SEED_OFFSET)
-    scenes = make_scenes(n_single + n_multi, seed + SEED_OFFSET)
-    for subset, part in zip(SFT_SUBSETS, (scenes[:n_single], scenes[n_single:])):
+    scenes = make_scenes(N_SINGLE + N_MULTI, seed + SEED_OFFSET)
+    for subset, part in zip(SFT_SUBSETS, (scenes[:N_SINGLE], scenes[N_SINGLE:])):
         (tmp / subset / "images").mkdir(parents=True)
         (tmp / subset / LABELS_DIR).mkdir(parents=True)
         for i, scene in enumerate(part):
@@ -72,7 +68,7 @@ def write_corpus(root: Path, seed: int, n_single: int = N_SINGLE, n_multi: int =
                 json.dumps({"conversations": messages}, ensure_ascii=False), encoding="utf-8")
     # What the LM could do without an image before Stage 2 (imagine a scene, greet): some is mixed into
     # training, the rest measures whether Stage 2 kept it.
-    for name, n, offset in ((TEXT_TRAIN_FILE, n_text_train, 3), (TEXT_EVAL_FILE, n_text_eval, 1)):
+    for name, n, offset in ((TEXT_TRAIN_FILE, N_TEXT_TRAIN, 3), (TEXT_EVAL_FILE, N_TEXT_EVAL, 1)):
         text_rng = np.random.default_rng(seed + SEED_OFFSET + offset)
         lines = []
         for scene in make_scenes(8 * n, seed + SEED_OFFSET + offset):  # about a quarter are text-only

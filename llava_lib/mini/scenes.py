@@ -117,11 +117,8 @@ INTERIOR_FRACTION = 0.98  # a patch this full of one object shows no outline
 
 def patch_layout(scene: Scene, min_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
     """``[196]`` per 16x16 patch (row-major): the index of the object covering at least ``min_fraction`` of it (or
-    -1), and whether it shows part of that object's outline.
-
-    Only outline patches can tell a shape by themselves: inside, a circle and a square are the same flat colour
-    (a per-patch pixel classifier: ~0.89 of outline patches right, 0.44 of interior ones, chance 0.2).
-    """
+    -1), and whether it shows part of that object's outline: only those tell a shape by themselves, as inside a circle
+    and a square are the same flat colour (a per-patch pixel classifier: outline 0.89 right, interior 0.44)."""
     mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     draw = ImageDraw.Draw(mask)
     for i, o in enumerate(scene.objects):
@@ -141,10 +138,9 @@ IMAGE_WORDS = (*COLORS, *SHAPES, *POSITIONS, "<filler>")  # what the mini LM rea
 
 
 def patch_words(scene: Scene, layout: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """``[196, len(IMAGE_WORDS)]`` 0/1: the image words the mini LM reads at each patch: an object's colour and
-    position (its shape too on an outline patch), or the filler. The LM's slot embedding is this row times the word
-    embeddings, so any map that gets these rows right gets the LM's input right. ``layout``: :func:`patch_layout`,
-    when the caller has it already."""
+    """``[196, len(IMAGE_WORDS)]`` 0/1: the image words the mini LM reads at each patch (an object's colour and
+    position, its shape too on an outline patch, or the filler); its slot embedding is this row times the word
+    embeddings. ``layout``: :func:`patch_layout`, when the caller has it already."""
     owner, outline = layout if layout is not None else patch_layout(scene)
     out = np.zeros((owner.shape[0], len(IMAGE_WORDS)), dtype=np.float32)
     out[owner < 0, -1] = 1.0

@@ -1,11 +1,6 @@
-"""Tokenizers of the mini world, built offline and saved with ``save_pretrained``.
-
-* :func:`build_qwen_tokenizer` rebuilds the *real* Qwen3 tokenizer from the byte-level BPE ranks that ship in the
-  PyPI package ``dashscope`` (``qwen.tiktoken``), with Qwen3-0.6B's pipeline, added tokens at their real ids and
-  chat template: the mini LLM and Qwen3-0.6B read the same ids, and the image block needs no new embeddings.
-* :func:`build_bert_tokenizer`: a character-level WordPiece vocabulary for the mini Chinese-CLIP's text side
-  (Chinese-CLIP's vocab also splits Chinese into single characters).
-"""
+"""Tokenizers of the mini world, built offline: the *real* Qwen3 tokenizer from the BPE ranks that ship in the PyPI
+package ``dashscope`` (so the mini LLM and Qwen3-0.6B read the same ids, and the image block needs no new embeddings),
+and a character-level WordPiece vocabulary for the mini Chinese-CLIP (whose real vocab also splits Chinese so)."""
 import base64
 import importlib.util
 import string
@@ -71,12 +66,9 @@ def _bpe_parts(token: bytes, ranks: dict[bytes, int], max_rank: int) -> list[byt
 
 
 def qwen_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Byte-level vocab and one merge per multi-byte token, in rank order.
-
-    The merge that makes token T is the last step of BPE on T's bytes with every merge ranked below T: 151,387
-    merges, Qwen's published merges.txt. (``TikTokenConverter`` emits every valid split instead: also correct,
-    but twice as many merges and not Qwen's file.)
-    """
+    """Byte-level vocab and one merge per multi-byte token, in rank order: the last step of BPE on the token's bytes
+    with every lower-ranked merge, which gives Qwen's published merges.txt (``TikTokenConverter`` emits every valid
+    split instead: also correct, but twice as many merges and not Qwen's file)."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     byte_char = bytes_to_unicode()
 
