@@ -90,11 +90,6 @@ def _all_reduce_sum(x: float, device) -> float:
     return float(t.item())
 
 
-def label_tokens(batch) -> int:
-    """Tokens that carry loss (labels shifted by one, -100 skipped): the loss is averaged over these."""
-    return int((batch["labels"][:, 1:] != -100).sum()) if batch["labels"].numel() else 0
-
-
 def loss_sum(model, batch, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the batch's label tokens, and their number."""
     with autocast():
@@ -118,14 +113,12 @@ def _sum_gradients(params: list) -> None:
 
 def train_step(model, batches: list[dict], optimizer, scheduler=None, *, autocast=contextlib.nullcontext,
                max_grad_norm: float | None = None) -> dict:
-    """One optimizer step over ``batches`` (gradient accumulation); returns ``{"loss", "lr", "n_tokens"}``
-    (and ``"grad_norm"`` when clipping).
-
-    Every label token weighs the same: each batch's summed loss is divided by the token count of all batches on
-    all ranks, and the gradients are summed over ranks, which gives the gradient of the global mean. A
-    non-finite loss raises before the weights change. ``max_grad_norm`` clips the gradients' total norm.
-    """
-    n_total = _all_reduce_sum(sum(label_tokens(b) for b in batches), model.device)
+    """One optimizer step over ``batches`` (gradient accumulation); returns ``{"loss", "lr", "n_tokens"}`` (and
+    ``"grad_norm"`` when ``max_grad_norm`` clips). Every label token (labels shifted by one, -100 skipped) weighs the
+    same: each batch's summed loss is divided by the token count of all batches on all ranks and the gradients are
+    summed over ranks, which gives the gradient of the global mean. A non-finite loss raises before the update."""
+    n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches if b["labels"].numel())
+    n_total = _all_reduce_sum(n_local, model.device)
     total = 0.0
     for batch in batches:
         s, _ = loss_sum(model, batch, autocast)
@@ -151,24 +144,17 @@ def train_step(model, batches: list[dict], optimizer, scheduler=None, *, autocas
 # ---------------------------------------------------------------------------------------------- eval
 def evaluate(model, loader, autocast=contextlib.nullcontext) -> float:
     """Mean cross-entropy per label token over ``loader`` (the held-out loss)."""
-    total, n = 0.0, 0
-    with _eval_mode(model):
-        for batch in loader:
-            if batch["input_ids"].numel():
-                s, k = loss_sum(model, batch, autocast)
-                total, n = total + float(s), n + k
-    return total / max(n, 1)
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
+    total, n, was_training = 0.0, 0, model.training
     model.eval()
     try:
         with torch.no_grad():
-            yield
+            for batch in loader:
+                if batch["input_ids"].numel():
+                    s, k = loss_sum(model, batch, autocast)
+                    total, n = total + float(s), n + k
     finally:
         model.train(was_training)
+    return total / max(n, 1)
 
 
 def generate_captions(model, tokenizer, dataset, indices, max_new_tokens: int = 48,
@@ -205,21 +191,11 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: dict, keep_last: int = 3) -> Path:
-    """Projection + everything a resume needs, in ``ckpt_dir/step-NNNNNN``.
-
-    The optimizer and scheduler are saved through their own ``state_dict()`` (any optimizer works), with the CPU
-    and CUDA random states, in a file that ``torch.load(weights_only=True)`` reads without running code; the data
-    position and history go to JSON. Written into a temp folder and renamed, then ``latest.json`` is pointed at it:
-    a run killed at any moment leaves the previous checkpoint intact.
-    """
+    """Projection + everything a resume needs, in ``ckpt_dir/step-NNNNNN``: optimizer and scheduler through their
+    own ``state_dict()`` (any optimizer works) and the random states, readable by ``torch.load(weights_only=True)``;
+    data position and history in JSON. Written into a temp folder, renamed, then pointed at by ``latest.json``: a
+    run killed at any moment leaves the previous checkpoint intact."""
     ckpt_dir = Path(ckpt_dir)
     name = f"step-{state['step']:06d}"
     final, tmp = ckpt_dir / name, ckpt_dir / f".{name}.tmp"
@@ -227,7 +203,10 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: dict, ke
     save_projection(tmp, _unwrap(model), {**getattr(model, "stage_meta", {}), "step": state["step"]})
     if model.llm_trainable:
         save_llm(tmp, model)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
                tmp / STATE_TENSORS)
     atomic_write_json(tmp / STATE_JSON, state)
     shutil.rmtree(final, ignore_errors=True)
@@ -277,12 +256,11 @@ def stage1_data(paths: cfg_mod.Paths, cfg: TrainConfig):
             f"找不到训练图片缓存：{train_dir}\n  解决办法：运行 `{cfg_mod.how_to_get(paths, 'cache_dir')}`。")
     train = CachedImageDataset(train_dir)
     if eval_dir.exists():
-        ev = CachedImageDataset(eval_dir)
+        ev, n_train = CachedImageDataset(eval_dir), len(train)
         eval_idx = list(range(min(cfg.eval_limit, len(ev))))
     else:  # hold out the tail of the train cache
-        ev = train
-        eval_idx = list(range(max(0, len(train) - cfg.eval_limit), len(train)))
-    n_train = len(train) if ev is not train else len(train) - len(eval_idx)
+        ev, n_train = train, max(0, len(train) - cfg.eval_limit)
+        eval_idx = list(range(n_train, len(train)))
     if cfg.limit is not None:
         n_train = min(n_train, cfg.limit)
     if n_train <= 0:
@@ -402,8 +380,8 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(cfg.device) if cfg.device else (
-        torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else torch.device("cpu"))
+    local_cuda = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(cfg.device or local_cuda)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     paths = cfg.paths
@@ -483,18 +461,13 @@ class _Logger:
 
     def eval(self, rec: dict, tag: str) -> None:
         if self.writer:
-            self.writer.add_scalar("eval/loss", rec["eval_loss"], rec["step"])
-            self.writer.add_scalar("eval/ppl", rec["eval_ppl"], rec["step"])
+            for k in ("loss", "ppl"):
+                self.writer.add_scalar(f"eval/{k}", rec[f"eval_{k}"], rec["step"])
             if rec.get("captions"):
                 table = "| 生成 | 参考 |\n|---|---|\n" + "\n".join(f"| {g} | {r} |" for g, r in rec["captions"])
                 self.writer.add_text("eval/captions", table, rec["step"])
         if self.run.is_main:
             print(f"[train] {tag}第 {rec['step']} 步评估：loss {rec['eval_loss']:.4f}  ppl {rec['eval_ppl']:.2f}")
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.writer:
-            self.writer.close()
 
 
 def run_eval(run: Run, step: int, log: _Logger, tag: str = "") -> dict:
@@ -513,11 +486,12 @@ def measure_quality(run: Run, metrics: dict, when: str) -> None:
     """``caption_accuracy_<when>`` (Stage 1, first ``caption_eval_n`` eval images) or ``answer_accuracy_<when>``
     (Stage 2, every answer of the first ``answer_eval_n`` eval conversations) when the profile has a metric, and
     in Stage 2 ``text_only_loss_<when>`` when there is a text-only eval set."""
+    said = "训练前" if when == "before" else "训练后"
     if run.text_loader is not None:
         loss = evaluate(run.model, run.text_loader, run.autocast)
         if run.is_main:
             metrics[f"text_only_loss_{when}"] = loss
-            print(f"[train] {'训练前' if when == 'before' else '训练后'}纯文本对话的损失：{loss:.4f}")
+            print(f"[train] {said}纯文本对话的损失：{loss:.4f}")
     n, metric, generate, name, label = (
         (run.cfg.caption_eval_n, run.caption_metric, generate_captions, "caption_accuracy", "描述准确率")
         if run.stage == 1 else
@@ -525,7 +499,7 @@ def measure_quality(run: Run, metrics: dict, when: str) -> None:
     pairs = generate(run.model, run.tokenizer, run.eval_ds, run.eval_idx[:n]) if run.is_main and metric else []
     if pairs:
         metrics[f"{name}_{when}"] = caption_accuracy(pairs, metric)
-        print(f"[train] {'训练前' if when == 'before' else '训练后'}{label}：{metrics[f'{name}_{when}']:.2%}")
+        print(f"[train] {said}{label}：{metrics[f'{name}_{when}']:.2%}")
 
 
 def _finish(run: Run, state: dict, log: _Logger, seconds: float, samples: int, data_wait: float) -> None:
@@ -621,7 +595,8 @@ def train(config: TrainConfig | None = None, on_log=None, model=None, tokenizer=
         log.bar.close()
     if not interrupted:
         _finish(run, state, log, time.time() - t_start, samples, data_wait)
-    log.close()
+    if log.writer:
+        log.writer.close()
     if run.world_size > 1:
         torch.distributed.barrier()
     return TrainResult(run.out_dir, state["history"], state["metrics"], interrupted)
@@ -637,20 +612,15 @@ def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _parser():
+def main(argv=None) -> int:
     import argparse
     p = argparse.ArgumentParser(prog="llava-train", description="LLaVA 训练。Stage 1（默认）：只训练投影层，视觉塔与 LLM "
                                 "冻结；Stage 2（--stage 2）：从 Stage 1 的投影层出发，用多轮图文对话训练投影层和 LLM（或 --lora）。"
                                 "每个选项都对应 TrainConfig 的一个字段；不写的选项取配置档（--profile）的默认值。")
     p.add_argument("--out", dest="out_dir", default=None, help="输出目录（同 --out-dir）")
     cfg_mod.add_config_flags(p)
-    return p
-
-
-def main(argv=None) -> int:
     try:
-        cfg = cfg_mod.config_from_args(_parser().parse_args(argv))
-        result = train(cfg)
+        result = train(cfg_mod.config_from_args(p.parse_args(argv)))
     except (TrainingError, cfg_mod.MissingResourceError, cfg_mod.ConfigError) as e:
         print(f"错误：{e}", file=sys.stderr)
         return 2

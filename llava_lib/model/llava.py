@@ -23,23 +23,16 @@ class StepOutput:
     n_label_tokens: int
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    module.requires_grad_(False)
-    module.eval()
-    return module
-
-
 class LlavaStage1(nn.Module):
     # A right-padded batch needs no attention mask in a causal LM: a real token only sees earlier, real tokens, so
     # the mask changes nothing where a label is, and without it SDPA runs its causal flash kernel (docs/perf_notes.md).
     drop_redundant_mask: bool = True
 
-    def __init__(self, vision: VisionTower | None, llm: nn.Module, projector_type: str = "linear",
-                 image_token_id: int = IMAGE_PAD_ID, head_loss=None):
+    def __init__(self, vision: VisionTower | None, llm: nn.Module, projector_type: str = "linear"):
         super().__init__()
         self.vision = vision
-        self.llm = freeze(llm)
-        self.image_token_id = image_token_id
+        self.llm = llm.requires_grad_(False).eval()
+        self.image_token_id = IMAGE_PAD_ID
         self.projector_type = projector_type
         self.projector = None
         if vision is not None:
@@ -48,7 +41,7 @@ class LlavaStage1(nn.Module):
             self.projector.to(next(llm.parameters()).device)
         # ``head_loss(lm_head, hidden, labels, chunk) -> StepOutput``: how the loss over the LM head is computed.
         # Every choice gives the same value; they differ in memory and speed (see ``train.pick_head_loss``).
-        self.head_loss = head_loss or lean_causal_lm_loss
+        self.head_loss = lean_causal_lm_loss
         self.llm_trainable = False
         self.peft = None  # the peft wrapper when Stage 2 trains LoRA adapters (its weights live inside self.llm)
 
@@ -93,14 +86,12 @@ class LlavaStage1(nn.Module):
         feats = self.vision(pixel_values.to(self.device))           # no_grad inside, [N,197,D_v]
         return self.projector(feats.to(next(self.projector.parameters()).dtype))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_features: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the projected image features written at the ``<|image_pad|>`` positions."""
         embeds = self.llm.get_input_embeddings()(input_ids)          # [B,T,D_llm], frozen
         is_image = input_ids == self.image_token_id
         n_slots = int(is_image.sum())
-        if image_features is None and pixel_values is not None:
-            image_features = self.project_images(pixel_values)
+        image_features = None if pixel_values is None else self.project_images(pixel_values)
         n_feats = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
         if n_slots != n_feats:
             raise ValueError(
@@ -112,8 +103,7 @@ class LlavaStage1(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_features.to(embeds.dtype))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                logits_chunk: int = 4096) -> StepOutput:
+                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None) -> StepOutput:
         """The lean loss: the LM head runs only at positions whose next token has a label."""
         input_ids = input_ids.to(self.device)
         embeds = self.embed(input_ids, pixel_values)
@@ -123,7 +113,7 @@ class LlavaStage1(nn.Module):
             attention_mask = attention_mask.to(self.device)
         # use_cache=False: a training forward has no use for a KV cache (the config's default would build one).
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.head_loss(self.llm.lm_head, hidden, labels.to(self.device), logits_chunk)
+        return self.head_loss(self.llm.lm_head, hidden, labels.to(self.device))
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:

@@ -23,16 +23,12 @@ def default_device() -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 for the frozen towers on a GPU that supports it (half the memory, and the towers are never trained),
     fp32 on CPU, where bf16 matmuls are slow."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def pick_attention(device: torch.device) -> str:
     """flash-attention 2 when installed and on CUDA, else PyTorch SDPA."""
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
 def load_tokenizer(path: str | Path):
@@ -63,11 +59,8 @@ def _require_complete(info: dict, what: str, path, fix: str, allowed_unexpected=
 
 def load_llm(path: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None,
              attn_implementation: str | None = None) -> Qwen3ForCausalLM:
-    """Qwen3 from a local directory (``Qwen/Qwen3-0.6B`` layout or the mini LM), frozen.
-
-    A checkpoint that lacks weights is an error naming them. A tied ``lm_head.weight`` (``tie_word_embeddings``)
-    is not missing: transformers ties it to the embeddings and does not report it.
-    """
+    """Qwen3 from a local directory (``Qwen/Qwen3-0.6B`` layout or the mini LM), frozen; missing weights are an
+    error naming them (a tied ``lm_head.weight`` is not reported missing: transformers ties it)."""
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     attn = attn_implementation or pick_attention(device)
@@ -112,8 +105,8 @@ _CLIP_TEXT_SIDE = re.compile(r"^(text_model\.|text_projection\.|visual_projectio
 
 @contextmanager
 def _errors_only():
-    """transformers' errors only, while the vision side is read out of a whole CLIP: its loading report would list
-    every text-side weight as unexpected. :func:`_require_complete` checks the same information."""
+    """transformers' errors only: reading the vision side of a whole CLIP, its report would list every text-side
+    weight as unexpected (:func:`_require_complete` checks the same information)."""
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
