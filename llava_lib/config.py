@@ -2,10 +2,8 @@
 (the real Chinese-CLIP ViT-B/16, Qwen3-0.6B and SA1B-Dense-Caption from ModelScope).
 
 :class:`TrainConfig` holds a run's paths and hyperparameters; :func:`resolve` turns its path fields into
-:class:`Paths`. Precedence: keyword arguments > environment (profile and paths only) > config file > profile
-defaults. The TOML config file (``$LLAVA_CONFIG``, else ``llava.toml`` in the working directory or the repository
-root, which a kernel started in ``notebooks/`` also finds) has ``TrainConfig`` fields at the top level or in a
-``[mini]`` / ``[full]`` table.
+:class:`Paths`. Precedence: keyword arguments > environment (profile and paths only) > config file (see
+:func:`find_config_file`; ``TrainConfig`` fields at the top level or in a ``[mini]`` / ``[full]`` table) > defaults.
 """
 from __future__ import annotations
 
@@ -83,12 +81,9 @@ class Paths:
     sft_root: Path
 
     def describe(self) -> str:
-        lines = [f"配置档（profile）: {self.profile}"]
-        for f in fields(self)[1:]:
-            value = getattr(self, f.name)
-            mark = "✓" if value is not None and Path(value).exists() else "✗"
-            lines.append(f"  {mark} {f.name:16s} {value}")
-        return "\n".join(lines)
+        values = {f.name: getattr(self, f.name) for f in fields(self)[1:]}
+        return "\n".join([f"配置档（profile）: {self.profile}"] + [
+            f"  {'✓' if v is not None and Path(v).exists() else '✗'} {k:16s} {v}" for k, v in values.items()])
 
     def require(self, *names: str) -> "Paths":
         """Raise :class:`MissingResourceError` for the first named path that is missing."""
@@ -188,9 +183,8 @@ class TrainConfig:
         bad = set(overrides) - names
         if bad:
             raise ConfigError(f"TrainConfig 没有这些设置：{sorted(bad)}")
-        given = {}
-        for source in (file_cfg, file_cfg.get(profile, {})):
-            given.update({k: v for k, v in source.items() if k in names and k != "profile"})
+        given = {k: v for source in (file_cfg, file_cfg.get(profile, {})) for k, v in source.items()
+                 if k in names and k != "profile"}  # the profile's table wins over the top level
         given.update({k: os.environ[ENV_VARS[k]] for k in PATH_FIELDS if os.environ.get(ENV_VARS[k])})
         given.update(overrides)
         values = dict(PROFILE_DEFAULTS[profile])
@@ -235,7 +229,8 @@ STAGE2_LORA_LR = 2e-4  # the original course's LoRA stage (r=8 on q/k/v/o)
 
 # -------------------------------------------------------------------------------------------- the file
 def find_config_file() -> Path | None:
-    """``$LLAVA_CONFIG``, else ``llava.toml`` in the working directory, else at the repository root."""
+    """``$LLAVA_CONFIG``, else ``llava.toml`` in the working directory, else at the repository root (which a kernel
+    started in ``notebooks/`` also finds)."""
     env = os.environ.get("LLAVA_CONFIG")
     if env:
         p = Path(env).expanduser()

@@ -183,14 +183,6 @@ def generate_answers(model, tokenizer, dataset, indices, max_new_tokens: int = 3
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
-STATE_TENSORS = "train_state.pt"
-STATE_JSON = "train_state.json"
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)
-
-
 def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: dict, keep_last: int = 3) -> Path:
     """Projection + everything a resume needs, in ``ckpt_dir/step-NNNNNN``: optimizer and scheduler through their
     own ``state_dict()`` (any optimizer works) and the random states, readable by ``torch.load(weights_only=True)``;
@@ -200,15 +192,15 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: dict, ke
     name = f"step-{state['step']:06d}"
     final, tmp = ckpt_dir / name, ckpt_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_projection(tmp, _unwrap(model), {**getattr(model, "stage_meta", {}), "step": state["step"]})
+    save_projection(tmp, model, {**getattr(model, "stage_meta", {}), "step": state["step"]})
     if model.llm_trainable:
         save_llm(tmp, model)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-               tmp / STATE_TENSORS)
-    atomic_write_json(tmp / STATE_JSON, state)
+               tmp / "train_state.pt")
+    atomic_write_json(tmp / "train_state.json", state)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write_json(ckpt_dir / "latest.json", {"checkpoint": name, "step": state["step"]})
@@ -229,10 +221,10 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns the JSON state (step, data position, history)."""
     path = Path(path)
-    load_projection(path, _unwrap(model))
+    load_projection(path, model)
     if model.llm_trainable:
         load_llm_weights(path, model)
-    saved = torch.load(path / STATE_TENSORS, map_location="cpu", weights_only=True)
+    saved = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     # The saved lr is the next step's on the saved run's schedule; a resume with other max_steps / epochs follows
@@ -243,7 +235,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     torch.set_rng_state(saved["rng"]["cpu"])
     if "cuda" in saved["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    return json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+    return json.loads((path / "train_state.json").read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -334,13 +326,13 @@ class Run:
     out_dir: Path
     rank: int = 0
     world_size: int = 1
-    caption_metric: object = None
-    answer_metric: object = None
+    metric: object = None  # the profile's check of a generated caption (Stage 1) or answer (Stage 2)
     text_loader: object = None
 
-    @property
-    def stage(self) -> int:
-        return self.cfg.stage
+    def generate(self, indices: list) -> list[tuple[str, str]]:
+        """(generated, reference) for eval samples: their captions in Stage 1, every answer in Stage 2."""
+        generate = generate_captions if self.cfg.stage == 1 else generate_answers
+        return generate(self.model, self.tokenizer, self.eval_ds, indices)
 
     @property
     def is_main(self) -> bool:
@@ -431,54 +423,50 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     text_loader = DataLoader(text, batch_size=cfg.batch_size, collate_fn=collate) if text else None
+    metric = cfg.caption_metric if cfg.stage == 1 else cfg.answer_metric
     return Run(cfg, device, model, tokenizer, optimizer, make_scheduler(optimizer, total, cfg), sampler,
                Subset(train_ds, train_idx), train_collate, eval_loader, eval_ds, eval_idx, total, out_dir, rank,
-               world, load_hook(cfg.caption_metric) if cfg.caption_metric and cfg.stage == 1 else None,
-               load_hook(cfg.answer_metric) if cfg.answer_metric and cfg.stage == 2 else None, text_loader)
+               world, load_hook(metric) if metric else None, text_loader)
 
 
 # ------------------------------------------------------------------------------------------- logging
 class _Logger:
-    """Progress bar, TensorBoard and the printed eval lines of rank 0 (silent on the other ranks)."""
+    """Progress bar and TensorBoard of rank 0 (silent on the other ranks)."""
 
     def __init__(self, run: Run, initial: int):
         from tqdm.auto import tqdm
-        self.run, self.writer = run, None
+        self.writer = None
         if run.is_main and run.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run.out_dir / "tensorboard"))
-        self.bar = tqdm(total=run.total_steps, initial=initial, desc=f"Stage {run.stage} 训练", dynamic_ncols=True,
-                        disable=not (run.is_main and run.cfg.progress))
+        self.bar = tqdm(total=run.total_steps, initial=initial, desc=f"Stage {run.cfg.stage} 训练",
+                        dynamic_ncols=True, disable=not (run.is_main and run.cfg.progress))
 
     def step(self, rec: dict) -> None:
         self.bar.update(rec["step"] - self.bar.n)  # called every log_every steps: move to the step itself
         if self.writer:
-            for k in ("loss", "ppl", "lr", "samples_per_s", "data_wait_frac"):
-                self.writer.add_scalar(("perf/" if k in ("samples_per_s", "data_wait_frac") else "train/") + k,
-                                       rec[k], rec["step"])
+            for tag in ("train/loss", "train/ppl", "train/lr", "perf/samples_per_s", "perf/data_wait_frac"):
+                self.writer.add_scalar(tag, rec[tag.split("/")[1]], rec["step"])
         self.bar.set_postfix(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}", lr=f"{rec['lr']:.2e}",
                              sps=f"{rec['samples_per_s']:.1f}")
 
-    def eval(self, rec: dict, tag: str) -> None:
-        if self.writer:
-            for k in ("loss", "ppl"):
-                self.writer.add_scalar(f"eval/{k}", rec[f"eval_{k}"], rec["step"])
-            if rec.get("captions"):
-                table = "| 生成 | 参考 |\n|---|---|\n" + "\n".join(f"| {g} | {r} |" for g, r in rec["captions"])
-                self.writer.add_text("eval/captions", table, rec["step"])
-        if self.run.is_main:
-            print(f"[train] {tag}第 {rec['step']} 步评估：loss {rec['eval_loss']:.4f}  ppl {rec['eval_ppl']:.2f}")
-
 
 def run_eval(run: Run, step: int, log: _Logger, tag: str = "") -> dict:
-    """Held-out loss on every rank; captions shown next to their references on rank 0."""
+    """Held-out loss on every rank; rank 0 prints and logs it, with generated captions (answers) next to their
+    references."""
     loss = evaluate(run.model, run.eval_loader, run.autocast)
     rec = {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
     show = run.eval_idx[:run.cfg.caption_show_n]
     if run.is_main and show:
-        generate = generate_captions if run.stage == 1 else generate_answers
-        rec["captions"] = generate(run.model, run.tokenizer, run.eval_ds, show)
-    log.eval(rec, tag)
+        rec["captions"] = run.generate(show)
+    if log.writer:
+        for k in ("loss", "ppl"):
+            log.writer.add_scalar(f"eval/{k}", rec[f"eval_{k}"], step)
+        if rec.get("captions"):
+            table = "| 生成 | 参考 |\n|---|---|\n" + "\n".join(f"| {g} | {r} |" for g, r in rec["captions"])
+            log.writer.add_text("eval/captions", table, step)
+    if run.is_main:
+        print(f"[train] {tag}第 {step} 步评估：loss {loss:.4f}  ppl {rec['eval_ppl']:.2f}")
     return rec
 
 
@@ -492,13 +480,11 @@ def measure_quality(run: Run, metrics: dict, when: str) -> None:
         if run.is_main:
             metrics[f"text_only_loss_{when}"] = loss
             print(f"[train] {said}纯文本对话的损失：{loss:.4f}")
-    n, metric, generate, name, label = (
-        (run.cfg.caption_eval_n, run.caption_metric, generate_captions, "caption_accuracy", "描述准确率")
-        if run.stage == 1 else
-        (run.cfg.answer_eval_n, run.answer_metric, generate_answers, "answer_accuracy", "回答准确率"))
-    pairs = generate(run.model, run.tokenizer, run.eval_ds, run.eval_idx[:n]) if run.is_main and metric else []
+    n, name, label = ((run.cfg.caption_eval_n, "caption_accuracy", "描述准确率") if run.cfg.stage == 1 else
+                      (run.cfg.answer_eval_n, "answer_accuracy", "回答准确率"))
+    pairs = run.generate(run.eval_idx[:n]) if run.is_main and run.metric else []
     if pairs:
-        metrics[f"{name}_{when}"] = caption_accuracy(pairs, metric)
+        metrics[f"{name}_{when}"] = caption_accuracy(pairs, run.metric)
         print(f"[train] {said}{label}：{metrics[f'{name}_{when}']:.2%}")
 
 
@@ -513,41 +499,32 @@ def _finish(run: Run, state: dict, log: _Logger, seconds: float, samples: int, d
     metrics.update(steps=state["step"], train_samples_per_s=samples / max(seconds, 1e-9),
                    data_wait_fraction=data_wait / max(seconds, 1e-9), wall_seconds=seconds,
                    world_size=run.world_size, device=str(run.device),
-                   attention=_unwrap(run.model).llm.config._attn_implementation,
+                   attention=run.model.llm.config._attn_implementation,
                    eval_ppl_before=math.exp(min(metrics.get("eval_loss_before", 50), 50)),
                    eval_ppl_after=final["eval_ppl"])
     save_checkpoint(run.ckpt_dir, run.model, run.optimizer, run.scheduler, state, run.cfg.keep_last)
-    save_projection(run.out_dir / "final", _unwrap(run.model),
-                    {**getattr(run.model, "stage_meta", {}), "step": state["step"]})
+    save_projection(run.out_dir / "final", run.model, {**getattr(run.model, "stage_meta", {}), "step": state["step"]})
     if run.model.llm_trainable:  # the whole LLM (LoRA merged in), loadable with Qwen3ForCausalLM.from_pretrained
         save_llm(run.out_dir / "final", run.model, run.tokenizer, merge_lora=True)
     atomic_write_json(run.out_dir / "metrics.json", metrics)
     atomic_write_json(run.out_dir / "config.json", dataclasses.asdict(run.cfg))
 
 
-def _resume_or_start(run: Run) -> dict:
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "eval_history": [], "metrics": {}}
-    last = latest_checkpoint(run.out_dir) if run.cfg.resume else None
-    if last is not None:
-        state = load_checkpoint(last, run.model, run.optimizer, run.scheduler)
-    if run.is_main and run.cfg.resume:
-        print(f"[train] 从检查点 {last} 继续（第 {state['step']} 步）。" if last else
-              f"[train] {run.ckpt_dir} 中没有检查点，从头开始训练。")
-    return state
-
-
 # ---------------------------------------------------------------------------------------------- train
 def train(config: TrainConfig | None = None, on_log=None, model=None, tokenizer=None) -> TrainResult:
     """Run Stage 1 or 2 (``config.stage``). ``on_log(history)`` is called after every logged step (the
-    notebook's live plot).
-
-    Ctrl-C (KeyboardInterrupt) saves a checkpoint and returns what was trained so far.
-    """
+    notebook's live plot). Ctrl-C (KeyboardInterrupt) saves a checkpoint and returns what was trained so far."""
     cfg = config or TrainConfig.for_profile()
     run = setup(cfg, model, tokenizer)
     if run.is_main:
         run.ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = _resume_or_start(run)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "eval_history": [], "metrics": {}}
+    last = latest_checkpoint(run.out_dir) if cfg.resume else None
+    if last is not None:
+        state = load_checkpoint(last, run.model, run.optimizer, run.scheduler)
+    if run.is_main and cfg.resume:
+        print(f"[train] 从检查点 {last} 继续（第 {state['step']} 步）。" if last else
+              f"[train] {run.ckpt_dir} 中没有检查点，从头开始训练。")
     log = _Logger(run, state["step"])
     if state["step"] == 0:
         state["metrics"]["eval_loss_before"] = run_eval(run, 0, log, "训练前 ")["eval_loss"]

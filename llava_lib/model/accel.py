@@ -75,5 +75,4 @@ def uncompile_towers(model) -> None:
     for layer in _tower_layers(model):
         layer._compiled_call_impl = None
     model.compiled_towers = False
-    import torch._dynamo
     torch._dynamo.reset()

@@ -45,11 +45,6 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, json.dumps(obj, ensure_ascii=False, indent=2).encode("utf-8"))
 
 
-def _projector(model):
-    """The projection module itself, also when DDP wraps it (its state-dict keys must not say ``module.``)."""
-    return getattr(model.projector, "module", model.projector)
-
-
 def projection_meta(model) -> dict:
     return {"format": FORMAT, "projector_type": model.projector_type, "vision_hidden": model.vision.hidden_size,
             "llm_hidden": model.llm.config.hidden_size, "feature_layer": model.vision.feature_layer,
@@ -59,13 +54,13 @@ def projection_meta(model) -> dict:
 def save_projection(directory: str | Path, model, extra: dict | None = None) -> Path:
     """Write ``projection.safetensors`` and ``projection.json`` into ``directory``; returns the directory."""
     directory = Path(directory)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in _projector(model).state_dict().items()}
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.projector.state_dict().items()}
     atomic_write_bytes(directory / WEIGHTS, save(state, metadata={"format": str(FORMAT)}))
     atomic_write_json(directory / META, {**projection_meta(model), **(extra or {})})
     return directory
 
 
-# Fields that must agree for the weights to mean the same thing; model ids only warn (paths move).
+# Fields that must agree for the weights to mean the same thing (model ids may differ: paths move).
 _MUST_MATCH = ("projector_type", "vision_hidden", "llm_hidden", "feature_layer", "num_image_tokens")
 
 
@@ -80,8 +75,7 @@ def load_projection(directory: str | Path, model) -> dict:
     diffs = [f"{k}: 检查点={meta.get(k)!r}，当前模型={expected[k]!r}" for k in _MUST_MATCH if meta.get(k) != expected[k]]
     if diffs:
         raise CheckpointMismatchError(f"检查点 {directory} 与当前模型不匹配：\n  " + "\n  ".join(diffs))
-    projector = _projector(model)
-    projector.load_state_dict(load_file(str(directory / WEIGHTS), device=str(next(projector.parameters()).device)))
+    model.projector.load_state_dict(load_file(str(directory / WEIGHTS)))  # copied onto the projection's device
     return meta
 
 

@@ -89,12 +89,9 @@ def _source(key: str) -> tuple[str, str]:
 
 def convert_state_dict(ms_sd: Mapping[str, torch.Tensor], config: ChineseCLIPConfig | ChineseCLIPVisionConfig
                        ) -> dict[str, torch.Tensor]:
-    """A ModelScope Chinese-CLIP state dict on ``ChineseCLIPModel``'s keys, in fp32.
-
-    With a ``ChineseCLIPVisionConfig`` the source is the visual tower alone (with or without the ``visual.`` prefix)
-    and the result fits ``ChineseCLIPVisionModel``, which has no projection. Raises :class:`CheckpointMismatchError`
-    naming every missing, unused or mis-shaped key.
-    """
+    """A ModelScope Chinese-CLIP state dict on ``ChineseCLIPModel``'s keys, in fp32; with a ``ChineseCLIPVisionConfig``,
+    the visual tower alone (``visual.`` prefix optional) on ``ChineseCLIPVisionModel``'s. Raises
+    :class:`CheckpointMismatchError` naming every missing, unused or mis-shaped key."""
     from transformers import ChineseCLIPVisionModel
     # Undo the wrappers ModelScope's loader strips: ``{"state_dict": ...}``, ``module.``, ``clip_model.``.
     sd = {re.sub(r"^(module\.)?(clip_model\.)?", "", k): v for k, v in ms_sd.get("state_dict", ms_sd).items()}

@@ -38,20 +38,17 @@ class LlavaStage1(nn.Module):
         if vision is not None:
             # The projection stays fp32 whatever the towers' dtype (training it in bf16 would lose its small updates).
             self.projector = build_projector(projector_type, vision.hidden_size, llm.config.hidden_size).float()
-            self.projector.to(next(llm.parameters()).device)
-        # ``head_loss(lm_head, hidden, labels, chunk) -> StepOutput``: how the loss over the LM head is computed.
-        # Every choice gives the same value; they differ in memory and speed (see ``train.pick_head_loss``).
+            self.projector.to(self.device)
+        # ``head_loss(lm_head, hidden, labels, chunk) -> StepOutput``: every choice (``train.pick_head_loss``) gives
+        # the same value; they differ in memory and speed.
         self.head_loss = lean_causal_lm_loss
         self.llm_trainable = False
         self.peft = None  # the peft wrapper when Stage 2 trains LoRA adapters (its weights live inside self.llm)
 
     def unfreeze_llm(self, lora: dict | None = None, train_embeddings: bool = True) -> None:
-        """Stage 2: the LLM learns too, all of it, or only LoRA adapters on attention (``lora``: r, alpha).
-        ``train_embeddings=False`` keeps the token embeddings (and a head tied to them) frozen.
-
-        With LoRA the adapters are put into ``self.llm`` in place (peft's wrapper is kept in ``self.peft`` for
-        saving and merging), so the forward below, which calls the LLM's body and head separately, is unchanged.
-        """
+        """Stage 2: the LLM learns too, all of it (``train_embeddings=False``: not the embeddings and a head tied to
+        them), or only LoRA adapters on attention (``lora``: r, alpha). peft puts the adapters into ``self.llm`` in
+        place (its wrapper, kept in ``self.peft``, saves and merges them), so the forward below is unchanged."""
         if lora:
             from peft import LoraConfig, get_peft_model
             config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.05,
@@ -131,11 +128,8 @@ def labelled_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torc
 
 def lean_causal_lm_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
                         chunk: int = 4096) -> StepOutput:
-    """Mean next-token cross-entropy, evaluating the (151,936-way) head only at labelled positions.
-
-    Equal to transformers' causal-LM loss (shift by one, ignore -100, mean over label tokens), without ever
-    building ``[B, T, vocab]`` logits; rows are processed in chunks to bound the logits' memory.
-    """
+    """Mean next-token cross-entropy, evaluating the (151,936-way) head only at labelled positions: equal to
+    transformers' causal-LM loss without ever building ``[B, T, vocab]`` logits (rows in chunks bound their memory)."""
     h, y = labelled_positions(hidden, labels)
     n = y.numel()
     if n == 0:

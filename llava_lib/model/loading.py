@@ -12,6 +12,8 @@ from transformers import AutoTokenizer, ChineseCLIPModel, ChineseCLIPVisionModel
 from transformers.utils import logging as hf_logging
 
 from ..config import BUILD_MINI_CMD, DOWNLOAD_CMDS, MissingResourceError, Paths, check_path, resolve
+from .checkpoint import META, load_projection
+from .convert_modelscope import load_chinese_clip
 from .llava import LlavaStage1
 from .vision import VisionTower
 
@@ -94,9 +96,7 @@ def load_clip(path: str | Path, device: torch.device | None = None, dtype: torch
               ) -> ChineseCLIPModel:
     """The whole Chinese-CLIP (both sides), for the matching notebook; ModelScope layout is converted."""
     device = device or default_device()
-    from .convert_modelscope import load_chinese_clip  # ModelScope layout support lives there
-    model = load_chinese_clip(path)
-    return model.to(device=device, dtype=dtype or default_dtype(device)).requires_grad_(False).eval()
+    return load_chinese_clip(path).to(device=device, dtype=dtype or default_dtype(device)).requires_grad_(False).eval()
 
 
 # The text side of a whole Chinese-CLIP checkpoint (and its projections): in the file, not in the vision model.
@@ -136,10 +136,8 @@ def build_model(paths: Paths | None = None, device: torch.device | str | None = 
                 projector_type: str = "linear", feature_layer: int = -1, dtype: torch.dtype | None = None,
                 with_vision: bool = True, llm_dir: str | Path | None = None, llm_dtype: torch.dtype | None = None):
     """``(model, tokenizer)``: the towers for ``paths`` (default: the resolved profile), a fresh projection between.
-
     ``llm_dir`` replaces ``paths.llm_path`` (a Stage 2 model's own LLM); ``llm_dtype`` replaces ``dtype`` for the
-    LLM (Stage 2 trains it in fp32 under bf16 autocast: AdamW's small updates would vanish in bf16 weights).
-    """
+    LLM (Stage 2 trains it in fp32 under bf16 autocast: AdamW's small updates would vanish in bf16 weights)."""
     paths = paths or resolve()
     device = torch.device(device) if device is not None else default_device()
     llm_dir = Path(llm_dir) if llm_dir is not None else check_path(paths, "llm_path")
@@ -156,7 +154,6 @@ def load_trained(directory: str | Path, paths: Paths | None = None, device: torc
     """The model a checkpoint was trained for: towers from ``paths`` (a Stage 2 checkpoint brings its own LLM in
     ``llm/``), the projection's type and vision layer from its ``projection.json``, then its weights (checked to
     fit). Returns ``(model, tokenizer, meta)``."""
-    from .checkpoint import META, load_projection
     meta_file = Path(directory) / META
     if not meta_file.is_file():
         raise FileNotFoundError(f"在 {directory} 中找不到 {META}：这不是一个训练好的投影层目录（应是某次运行的 final/ 或 "
