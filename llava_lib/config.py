@@ -308,11 +308,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         kind = (typing.get_args(hints[f.name]) or (hints[f.name],))[0]  # ``int | None`` -> int
         flag, help_text = f"--{f.name.replace('_', '-')}", f"{f.metadata['help']}（默认 {f.default}）"
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text,
-                                choices=PROFILES if f.name == "profile" else None)
+        how = ({"action": argparse.BooleanOptionalAction} if kind is bool else
+               {"type": kind, "choices": PROFILES if f.name == "profile" else None})
+        parser.add_argument(flag, dest=f.name, default=None, help=help_text, **how)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

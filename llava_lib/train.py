@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from . import config as cfg_mod
 from .config import TrainConfig
-from .model.checkpoint import atomic_write_json, load_llm_weights, load_projection, save_llm, save_projection
+from .model.checkpoint import META, atomic_write_json, load_llm_weights, load_projection, save_llm, save_projection
 from .model.llava import lean_causal_lm_loss
 
 __all__ = ["TrainConfig", "TrainingError", "TrainResult", "Run", "setup", "train_step", "evaluate", "train",
@@ -279,7 +280,6 @@ def stage2_data(paths: cfg_mod.Paths, cfg: TrainConfig):
 def stage1_projection(cfg: TrainConfig) -> tuple[Path, dict]:
     """Where Stage 2 starts, and its ``projection.json``: ``cfg.stage1`` (a run folder or its ``final/``), else the
     profile's default Stage 1 run; on the mini profile that run is trained first when it does not exist yet."""
-    from .model.checkpoint import META
     given = Path(cfg.stage1).expanduser() if cfg.stage1 else Path(cfg.paths.checkpoints_dir) / f"stage1-{cfg.profile}"
     for p in (given, given / "final"):
         if (p / META).is_file():
@@ -347,7 +347,6 @@ class Run:
 
     def batches(self, state: dict):
         """Endless lists of ``grad_accum`` non-empty batches from the data position in ``state`` (kept up to date)."""
-        from torch.utils.data import DataLoader
         while True:
             self.sampler.set_epoch(state["epoch"], state["batch_in_epoch"])
             micro = []
@@ -366,8 +365,6 @@ class Run:
 
 def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     """Process group, device, model (built from ``cfg`` unless given), data, AdamW and the schedule."""
-    from torch.utils.data import DataLoader, Subset
-
     from .data import LengthGroupedSampler, make_collate
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1 and not torch.distributed.is_initialized():
