@@ -2,19 +2,16 @@
 (the real Chinese-CLIP ViT-B/16, Qwen3-0.6B and SA1B-Dense-Caption from ModelScope).
 
 :class:`TrainConfig` holds a run's paths and hyperparameters; :func:`resolve` turns its path fields into
-:class:`Paths`. Precedence: keyword arguments > environment (profile and paths only) > config file > profile
-defaults. The TOML config file (``$LLAVA_CONFIG``, else ``llava.toml`` in the working directory or the repository
-root, which a kernel started in ``notebooks/`` also finds) has ``TrainConfig`` fields at the top level or in a
-``[mini]`` / ``[full]`` table.
+:class:`Paths`. Precedence: keyword arguments > environment (profile and paths only) > config file (see
+:func:`find_config_file`; ``TrainConfig`` fields at the top level or in a ``[mini]`` / ``[full]`` table) > defaults.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import tomllib
-import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 PROFILES = ("mini", "full")
@@ -40,16 +37,6 @@ DOWNLOAD_CMDS = {
 PATH_FIELDS = ("clip_path", "llm_path", "data_root", "eval_data_root", "cache_dir", "checkpoints_dir", "sft_root")
 ENV_VARS = {name: f"LLAVA_{name.upper()}" for name in ("profile", *PATH_FIELDS)}
 
-_WHAT = {
-    "clip_path": "Chinese-CLIP 模型目录",
-    "llm_path": "Qwen3 模型目录",
-    "data_root": "SA1B-Dense-Caption 数据目录（其中应有 data/*.parquet）",
-    "eval_data_root": "验证集数据目录（其中应有 data/*.parquet）",
-    "cache_dir": "图片缓存目录",
-    "checkpoints_dir": "检查点目录",
-    "sft_root": "Stage 2 对话数据目录（CogVLM-SFT-311K 的格式）",
-}
-
 
 class MissingResourceError(FileNotFoundError):
     """A model or data path that does not exist or is incomplete; the message says how to get it."""
@@ -66,14 +53,12 @@ def repo_root() -> Path | None:
 
 
 def llava_home() -> Path:
-    """Where downloads and the mini world live: ``$LLAVA_HOME``, else ``<repo>/.cache``, else ``~/.cache/llava_course``."""
-    env = os.environ.get("LLAVA_HOME")
-    if env:
-        return Path(env).expanduser()
+    """Where downloads and the mini world live: ``$LLAVA_HOME``, else ``<repo>/.cache`` (when writable), else
+    ``~/.cache/llava_course``."""
+    if os.environ.get("LLAVA_HOME"):
+        return Path(os.environ["LLAVA_HOME"]).expanduser()
     root = repo_root()
-    if root is not None and os.access(root, os.W_OK):
-        return root / ".cache"
-    return Path.home() / ".cache" / "llava_course"
+    return root / ".cache" if root is not None and os.access(root, os.W_OK) else Path.home() / ".cache" / "llava_course"
 
 
 def mini_root() -> Path:
@@ -96,12 +81,9 @@ class Paths:
     sft_root: Path
 
     def describe(self) -> str:
-        lines = [f"配置档（profile）: {self.profile}"]
-        for f in fields(self)[1:]:
-            value = getattr(self, f.name)
-            mark = "✓" if value is not None and Path(value).exists() else "✗"
-            lines.append(f"  {mark} {f.name:16s} {value}")
-        return "\n".join(lines)
+        values = {f.name: getattr(self, f.name) for f in fields(self)[1:]}
+        return "\n".join([f"配置档（profile）: {self.profile}"] + [
+            f"  {'✓' if v is not None and Path(v).exists() else '✗'} {k:16s} {v}" for k, v in values.items()])
 
     def require(self, *names: str) -> "Paths":
         """Raise :class:`MissingResourceError` for the first named path that is missing."""
@@ -124,9 +106,9 @@ def _default_paths(profile: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- run settings
-def _h(text: str, default=None, **kw):
-    """A dataclass field whose help text is also the command-line help."""
-    return field(default=default, metadata={"help": text, **kw})
+def _h(text: str, default=None):
+    """A dataclass field whose help text is also the command-line help (and names the path in errors)."""
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass
@@ -138,8 +120,8 @@ class TrainConfig:
     # paths: None = the profile's default (or its environment variable / llava.toml)
     clip_path: str | None = _h("Chinese-CLIP 模型目录（transformers 或 ModelScope 格式）")
     llm_path: str | None = _h("Qwen3 模型目录")
-    data_root: str | None = _h("SA1B-Dense-Caption 数据目录")
-    eval_data_root: str | None = _h("验证集数据目录")
+    data_root: str | None = _h("SA1B-Dense-Caption 数据目录（其中应有 data/*.parquet）")
+    eval_data_root: str | None = _h("验证集数据目录（其中应有 data/*.parquet）")
     cache_dir: str | None = _h("图片缓存目录")
     checkpoints_dir: str | None = _h("检查点的根目录")
     sft_root: str | None = _h("Stage 2 对话数据目录（CogVLM-SFT-311K 的格式）")
@@ -201,9 +183,8 @@ class TrainConfig:
         bad = set(overrides) - names
         if bad:
             raise ConfigError(f"TrainConfig 没有这些设置：{sorted(bad)}")
-        given = {}
-        for source in (file_cfg, file_cfg.get(profile, {})):
-            given.update({k: v for k, v in source.items() if k in names and k != "profile"})
+        given = {k: v for source in (file_cfg, file_cfg.get(profile, {})) for k, v in source.items()
+                 if k in names and k != "profile"}  # the profile's table wins over the top level
         given.update({k: os.environ[ENV_VARS[k]] for k in PATH_FIELDS if os.environ.get(ENV_VARS[k])})
         given.update(overrides)
         values = dict(PROFILE_DEFAULTS[profile])
@@ -248,7 +229,8 @@ STAGE2_LORA_LR = 2e-4  # the original course's LoRA stage (r=8 on q/k/v/o)
 
 # -------------------------------------------------------------------------------------------- the file
 def find_config_file() -> Path | None:
-    """``$LLAVA_CONFIG``, else ``llava.toml`` in the working directory, else at the repository root."""
+    """``$LLAVA_CONFIG``, else ``llava.toml`` in the working directory, else at the repository root (which a kernel
+    started in ``notebooks/`` also finds)."""
     env = os.environ.get("LLAVA_CONFIG")
     if env:
         p = Path(env).expanduser()
@@ -294,28 +276,21 @@ def how_to_get(paths: Paths, name: str) -> str:
     return BUILD_MINI_CMD if paths.profile == "mini" else DOWNLOAD_CMDS.get(name, "")
 
 
-def _is_model_dir(path: Path, name: str) -> str | None:
-    """None when ``path`` holds a loadable model for ``name``, else what is missing."""
-    if (path / "config.json").exists():
-        return None
-    if name != "clip_path":
-        return "config.json"
-    from .model.convert_modelscope import is_modelscope_layout  # ModelScope's own layout converts on load
-    return None if is_modelscope_layout(path) else "config.json（transformers 格式），也不是 ModelScope 格式"
-
-
 def check_path(paths: Paths, name: str) -> Path:
     """Return the path ``name`` if it exists and looks complete, else raise with the fix."""
-    value, what, env = getattr(paths, name), _WHAT.get(name, name), ENV_VARS.get(name, "")
+    value, env = getattr(paths, name), ENV_VARS[name]
+    what = next(f.metadata["help"] for f in fields(TrainConfig) if f.name == name)
     if value is None:
         raise MissingResourceError(f"{what} 未配置（profile={paths.profile}）。请设置环境变量 {env}。")
-    value = Path(value)
-    problem = None
+    value, problem = Path(value), None
     if not value.exists():
         problem = "不存在"
-    elif name in ("clip_path", "llm_path"):
-        missing = _is_model_dir(value, name)
-        problem = f"不完整（缺少 {missing}）" if missing else None
+    elif name in ("clip_path", "llm_path") and not (value / "config.json").exists():
+        from .model.convert_modelscope import is_modelscope_layout  # a ModelScope CLIP is converted on load
+        if name == "llm_path":
+            problem = "不完整（缺少 config.json）"
+        elif not is_modelscope_layout(value):
+            problem = "不完整（缺少 config.json（transformers 格式），也不是 ModelScope 格式）"
     elif name in ("data_root", "eval_data_root") and not any((value / "data").glob("*.parquet")):
         problem = "中没有 data/*.parquet"
     if problem:
@@ -326,25 +301,19 @@ def check_path(paths: Paths, name: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ the command line
-def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per field of ``cls`` (types from the annotations, help from the field); unset flags are None."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        kind = hints[f.name]
-        base = [a for a in typing.get_args(kind) if a is not type(None)] if isinstance(kind, types.UnionType) else [kind]
-        flag = f"--{f.name.replace('_', '-')}"
-        default = f.default if f.default is not MISSING else None
-        help_text = f"{f.metadata.get('help', '')}（默认 {default}）"
-        if base[0] is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=base[0], default=None, help=help_text,
-                                choices=PROFILES if f.name == "profile" else None)
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per field of :class:`TrainConfig` (type from the annotation, help from the field); unset flags
+    are None, so the profile's value applies."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        kind = (typing.get_args(hints[f.name]) or (hints[f.name],))[0]  # ``int | None`` -> int
+        flag, help_text = f"--{f.name.replace('_', '-')}", f"{f.metadata['help']}（默认 {f.default}）"
+        how = ({"action": argparse.BooleanOptionalAction} if kind is bool else
+               {"type": kind, "choices": PROFILES if f.name == "profile" else None})
+        parser.add_argument(flag, dest=f.name, default=None, help=help_text, **how)
 
 
-def config_from_args(args: argparse.Namespace, cls=TrainConfig) -> TrainConfig:
-    given = {f.name: getattr(args, f.name) for f in fields(cls)
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
              if getattr(args, f.name, None) is not None and f.name != "profile"}
-    return cls.for_profile(getattr(args, "profile", None), **given)
+    return TrainConfig.for_profile(getattr(args, "profile", None), **given)

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from . import config as cfg_mod
 from .config import TrainConfig
-from .model.checkpoint import atomic_write_json, load_llm_weights, load_projection, save_llm, save_projection
+from .model.checkpoint import META, atomic_write_json, load_llm_weights, load_projection, save_llm, save_projection
 from .model.llava import lean_causal_lm_loss
 
 __all__ = ["TrainConfig", "TrainingError", "TrainResult", "Run", "setup", "train_step", "evaluate", "train",
@@ -90,11 +91,6 @@ def _all_reduce_sum(x: float, device) -> float:
     return float(t.item())
 
 
-def label_tokens(batch) -> int:
-    """Tokens that carry loss (labels shifted by one, -100 skipped): the loss is averaged over these."""
-    return int((batch["labels"][:, 1:] != -100).sum()) if batch["labels"].numel() else 0
-
-
 def loss_sum(model, batch, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the batch's label tokens, and their number."""
     with autocast():
@@ -118,14 +114,12 @@ def _sum_gradients(params: list) -> None:
 
 def train_step(model, batches: list[dict], optimizer, scheduler=None, *, autocast=contextlib.nullcontext,
                max_grad_norm: float | None = None) -> dict:
-    """One optimizer step over ``batches`` (gradient accumulation); returns ``{"loss", "lr", "n_tokens"}``
-    (and ``"grad_norm"`` when clipping).
-
-    Every label token weighs the same: each batch's summed loss is divided by the token count of all batches on
-    all ranks, and the gradients are summed over ranks, which gives the gradient of the global mean. A
-    non-finite loss raises before the weights change. ``max_grad_norm`` clips the gradients' total norm.
-    """
-    n_total = _all_reduce_sum(sum(label_tokens(b) for b in batches), model.device)
+    """One optimizer step over ``batches`` (gradient accumulation); returns ``{"loss", "lr", "n_tokens"}`` (and
+    ``"grad_norm"`` when ``max_grad_norm`` clips). Every label token (labels shifted by one, -100 skipped) weighs the
+    same: each batch's summed loss is divided by the token count of all batches on all ranks and the gradients are
+    summed over ranks, which gives the gradient of the global mean. A non-finite loss raises before the update."""
+    n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches if b["labels"].numel())
+    n_total = _all_reduce_sum(n_local, model.device)
     total = 0.0
     for batch in batches:
         s, _ = loss_sum(model, batch, autocast)
@@ -151,24 +145,17 @@ def train_step(model, batches: list[dict], optimizer, scheduler=None, *, autocas
 # ---------------------------------------------------------------------------------------------- eval
 def evaluate(model, loader, autocast=contextlib.nullcontext) -> float:
     """Mean cross-entropy per label token over ``loader`` (the held-out loss)."""
-    total, n = 0.0, 0
-    with _eval_mode(model):
-        for batch in loader:
-            if batch["input_ids"].numel():
-                s, k = loss_sum(model, batch, autocast)
-                total, n = total + float(s), n + k
-    return total / max(n, 1)
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
+    total, n, was_training = 0.0, 0, model.training
     model.eval()
     try:
         with torch.no_grad():
-            yield
+            for batch in loader:
+                if batch["input_ids"].numel():
+                    s, k = loss_sum(model, batch, autocast)
+                    total, n = total + float(s), n + k
     finally:
         model.train(was_training)
+    return total / max(n, 1)
 
 
 def generate_captions(model, tokenizer, dataset, indices, max_new_tokens: int = 48,
@@ -197,39 +184,24 @@ def generate_answers(model, tokenizer, dataset, indices, max_new_tokens: int = 3
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
-STATE_TENSORS = "train_state.pt"
-STATE_JSON = "train_state.json"
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)
-
-
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: dict, keep_last: int = 3) -> Path:
-    """Projection + everything a resume needs, in ``ckpt_dir/step-NNNNNN``.
-
-    The optimizer and scheduler are saved through their own ``state_dict()`` (any optimizer works), with the CPU
-    and CUDA random states, in a file that ``torch.load(weights_only=True)`` reads without running code; the data
-    position and history go to JSON. Written into a temp folder and renamed, then ``latest.json`` is pointed at it:
-    a run killed at any moment leaves the previous checkpoint intact.
-    """
+    """Projection + everything a resume needs, in ``ckpt_dir/step-NNNNNN``: optimizer and scheduler through their
+    own ``state_dict()`` (any optimizer works) and the random states, readable by ``torch.load(weights_only=True)``;
+    data position and history in JSON. Written into a temp folder, renamed, then pointed at by ``latest.json``: a
+    run killed at any moment leaves the previous checkpoint intact."""
     ckpt_dir = Path(ckpt_dir)
     name = f"step-{state['step']:06d}"
     final, tmp = ckpt_dir / name, ckpt_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_projection(tmp, _unwrap(model), {**getattr(model, "stage_meta", {}), "step": state["step"]})
+    save_projection(tmp, model, {**getattr(model, "stage_meta", {}), "step": state["step"]})
     if model.llm_trainable:
         save_llm(tmp, model)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-               tmp / STATE_TENSORS)
-    atomic_write_json(tmp / STATE_JSON, state)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+               tmp / "train_state.pt")
+    atomic_write_json(tmp / "train_state.json", state)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write_json(ckpt_dir / "latest.json", {"checkpoint": name, "step": state["step"]})
@@ -250,10 +222,10 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns the JSON state (step, data position, history)."""
     path = Path(path)
-    load_projection(path, _unwrap(model))
+    load_projection(path, model)
     if model.llm_trainable:
         load_llm_weights(path, model)
-    saved = torch.load(path / STATE_TENSORS, map_location="cpu", weights_only=True)
+    saved = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     # The saved lr is the next step's on the saved run's schedule; a resume with other max_steps / epochs follows
@@ -264,7 +236,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     torch.set_rng_state(saved["rng"]["cpu"])
     if "cuda" in saved["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    return json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+    return json.loads((path / "train_state.json").read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -277,12 +249,11 @@ def stage1_data(paths: cfg_mod.Paths, cfg: TrainConfig):
             f"找不到训练图片缓存：{train_dir}\n  解决办法：运行 `{cfg_mod.how_to_get(paths, 'cache_dir')}`。")
     train = CachedImageDataset(train_dir)
     if eval_dir.exists():
-        ev = CachedImageDataset(eval_dir)
+        ev, n_train = CachedImageDataset(eval_dir), len(train)
         eval_idx = list(range(min(cfg.eval_limit, len(ev))))
     else:  # hold out the tail of the train cache
-        ev = train
-        eval_idx = list(range(max(0, len(train) - cfg.eval_limit), len(train)))
-    n_train = len(train) if ev is not train else len(train) - len(eval_idx)
+        ev, n_train = train, max(0, len(train) - cfg.eval_limit)
+        eval_idx = list(range(n_train, len(train)))
     if cfg.limit is not None:
         n_train = min(n_train, cfg.limit)
     if n_train <= 0:
@@ -309,7 +280,6 @@ def stage2_data(paths: cfg_mod.Paths, cfg: TrainConfig):
 def stage1_projection(cfg: TrainConfig) -> tuple[Path, dict]:
     """Where Stage 2 starts, and its ``projection.json``: ``cfg.stage1`` (a run folder or its ``final/``), else the
     profile's default Stage 1 run; on the mini profile that run is trained first when it does not exist yet."""
-    from .model.checkpoint import META
     given = Path(cfg.stage1).expanduser() if cfg.stage1 else Path(cfg.paths.checkpoints_dir) / f"stage1-{cfg.profile}"
     for p in (given, given / "final"):
         if (p / META).is_file():
@@ -356,13 +326,13 @@ class Run:
     out_dir: Path
     rank: int = 0
     world_size: int = 1
-    caption_metric: object = None
-    answer_metric: object = None
+    metric: object = None  # the profile's check of a generated caption (Stage 1) or answer (Stage 2)
     text_loader: object = None
 
-    @property
-    def stage(self) -> int:
-        return self.cfg.stage
+    def generate(self, indices: list) -> list[tuple[str, str]]:
+        """(generated, reference) for eval samples: their captions in Stage 1, every answer in Stage 2."""
+        generate = generate_captions if self.cfg.stage == 1 else generate_answers
+        return generate(self.model, self.tokenizer, self.eval_ds, indices)
 
     @property
     def is_main(self) -> bool:
@@ -377,7 +347,6 @@ class Run:
 
     def batches(self, state: dict):
         """Endless lists of ``grad_accum`` non-empty batches from the data position in ``state`` (kept up to date)."""
-        from torch.utils.data import DataLoader
         while True:
             self.sampler.set_epoch(state["epoch"], state["batch_in_epoch"])
             micro = []
@@ -396,14 +365,12 @@ class Run:
 
 def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     """Process group, device, model (built from ``cfg`` unless given), data, AdamW and the schedule."""
-    from torch.utils.data import DataLoader, Subset
-
     from .data import LengthGroupedSampler, make_collate
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(cfg.device) if cfg.device else (
-        torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else torch.device("cpu"))
+    local_cuda = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(cfg.device or local_cuda)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     paths = cfg.paths
@@ -453,59 +420,50 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     text_loader = DataLoader(text, batch_size=cfg.batch_size, collate_fn=collate) if text else None
+    metric = cfg.caption_metric if cfg.stage == 1 else cfg.answer_metric
     return Run(cfg, device, model, tokenizer, optimizer, make_scheduler(optimizer, total, cfg), sampler,
                Subset(train_ds, train_idx), train_collate, eval_loader, eval_ds, eval_idx, total, out_dir, rank,
-               world, load_hook(cfg.caption_metric) if cfg.caption_metric and cfg.stage == 1 else None,
-               load_hook(cfg.answer_metric) if cfg.answer_metric and cfg.stage == 2 else None, text_loader)
+               world, load_hook(metric) if metric else None, text_loader)
 
 
 # ------------------------------------------------------------------------------------------- logging
 class _Logger:
-    """Progress bar, TensorBoard and the printed eval lines of rank 0 (silent on the other ranks)."""
+    """Progress bar and TensorBoard of rank 0 (silent on the other ranks)."""
 
     def __init__(self, run: Run, initial: int):
         from tqdm.auto import tqdm
-        self.run, self.writer = run, None
+        self.writer = None
         if run.is_main and run.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run.out_dir / "tensorboard"))
-        self.bar = tqdm(total=run.total_steps, initial=initial, desc=f"Stage {run.stage} 训练", dynamic_ncols=True,
-                        disable=not (run.is_main and run.cfg.progress))
+        self.bar = tqdm(total=run.total_steps, initial=initial, desc=f"Stage {run.cfg.stage} 训练",
+                        dynamic_ncols=True, disable=not (run.is_main and run.cfg.progress))
 
     def step(self, rec: dict) -> None:
         self.bar.update(rec["step"] - self.bar.n)  # called every log_every steps: move to the step itself
         if self.writer:
-            for k in ("loss", "ppl", "lr", "samples_per_s", "data_wait_frac"):
-                self.writer.add_scalar(("perf/" if k in ("samples_per_s", "data_wait_frac") else "train/") + k,
-                                       rec[k], rec["step"])
+            for tag in ("train/loss", "train/ppl", "train/lr", "perf/samples_per_s", "perf/data_wait_frac"):
+                self.writer.add_scalar(tag, rec[tag.split("/")[1]], rec["step"])
         self.bar.set_postfix(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}", lr=f"{rec['lr']:.2e}",
                              sps=f"{rec['samples_per_s']:.1f}")
 
-    def eval(self, rec: dict, tag: str) -> None:
-        if self.writer:
-            self.writer.add_scalar("eval/loss", rec["eval_loss"], rec["step"])
-            self.writer.add_scalar("eval/ppl", rec["eval_ppl"], rec["step"])
-            if rec.get("captions"):
-                table = "| 生成 | 参考 |\n|---|---|\n" + "\n".join(f"| {g} | {r} |" for g, r in rec["captions"])
-                self.writer.add_text("eval/captions", table, rec["step"])
-        if self.run.is_main:
-            print(f"[train] {tag}第 {rec['step']} 步评估：loss {rec['eval_loss']:.4f}  ppl {rec['eval_ppl']:.2f}")
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.writer:
-            self.writer.close()
-
 
 def run_eval(run: Run, step: int, log: _Logger, tag: str = "") -> dict:
-    """Held-out loss on every rank; captions shown next to their references on rank 0."""
+    """Held-out loss on every rank; rank 0 prints and logs it, with generated captions (answers) next to their
+    references."""
     loss = evaluate(run.model, run.eval_loader, run.autocast)
     rec = {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
     show = run.eval_idx[:run.cfg.caption_show_n]
     if run.is_main and show:
-        generate = generate_captions if run.stage == 1 else generate_answers
-        rec["captions"] = generate(run.model, run.tokenizer, run.eval_ds, show)
-    log.eval(rec, tag)
+        rec["captions"] = run.generate(show)
+    if log.writer:
+        for k in ("loss", "ppl"):
+            log.writer.add_scalar(f"eval/{k}", rec[f"eval_{k}"], step)
+        if rec.get("captions"):
+            table = "| 生成 | 参考 |\n|---|---|\n" + "\n".join(f"| {g} | {r} |" for g, r in rec["captions"])
+            log.writer.add_text("eval/captions", table, step)
+    if run.is_main:
+        print(f"[train] {tag}第 {step} 步评估：loss {loss:.4f}  ppl {rec['eval_ppl']:.2f}")
     return rec
 
 
@@ -513,19 +471,18 @@ def measure_quality(run: Run, metrics: dict, when: str) -> None:
     """``caption_accuracy_<when>`` (Stage 1, first ``caption_eval_n`` eval images) or ``answer_accuracy_<when>``
     (Stage 2, every answer of the first ``answer_eval_n`` eval conversations) when the profile has a metric, and
     in Stage 2 ``text_only_loss_<when>`` when there is a text-only eval set."""
+    said = "训练前" if when == "before" else "训练后"
     if run.text_loader is not None:
         loss = evaluate(run.model, run.text_loader, run.autocast)
         if run.is_main:
             metrics[f"text_only_loss_{when}"] = loss
-            print(f"[train] {'训练前' if when == 'before' else '训练后'}纯文本对话的损失：{loss:.4f}")
-    n, metric, generate, name, label = (
-        (run.cfg.caption_eval_n, run.caption_metric, generate_captions, "caption_accuracy", "描述准确率")
-        if run.stage == 1 else
-        (run.cfg.answer_eval_n, run.answer_metric, generate_answers, "answer_accuracy", "回答准确率"))
-    pairs = generate(run.model, run.tokenizer, run.eval_ds, run.eval_idx[:n]) if run.is_main and metric else []
+            print(f"[train] {said}纯文本对话的损失：{loss:.4f}")
+    n, name, label = ((run.cfg.caption_eval_n, "caption_accuracy", "描述准确率") if run.cfg.stage == 1 else
+                      (run.cfg.answer_eval_n, "answer_accuracy", "回答准确率"))
+    pairs = run.generate(run.eval_idx[:n]) if run.is_main and run.metric else []
     if pairs:
-        metrics[f"{name}_{when}"] = caption_accuracy(pairs, metric)
-        print(f"[train] {'训练前' if when == 'before' else '训练后'}{label}：{metrics[f'{name}_{when}']:.2%}")
+        metrics[f"{name}_{when}"] = caption_accuracy(pairs, run.metric)
+        print(f"[train] {said}{label}：{metrics[f'{name}_{when}']:.2%}")
 
 
 def _finish(run: Run, state: dict, log: _Logger, seconds: float, samples: int, data_wait: float) -> None:
@@ -539,41 +496,32 @@ def _finish(run: Run, state: dict, log: _Logger, seconds: float, samples: int, d
     metrics.update(steps=state["step"], train_samples_per_s=samples / max(seconds, 1e-9),
                    data_wait_fraction=data_wait / max(seconds, 1e-9), wall_seconds=seconds,
                    world_size=run.world_size, device=str(run.device),
-                   attention=_unwrap(run.model).llm.config._attn_implementation,
+                   attention=run.model.llm.config._attn_implementation,
                    eval_ppl_before=math.exp(min(metrics.get("eval_loss_before", 50), 50)),
                    eval_ppl_after=final["eval_ppl"])
     save_checkpoint(run.ckpt_dir, run.model, run.optimizer, run.scheduler, state, run.cfg.keep_last)
-    save_projection(run.out_dir / "final", _unwrap(run.model),
-                    {**getattr(run.model, "stage_meta", {}), "step": state["step"]})
+    save_projection(run.out_dir / "final", run.model, {**getattr(run.model, "stage_meta", {}), "step": state["step"]})
     if run.model.llm_trainable:  # the whole LLM (LoRA merged in), loadable with Qwen3ForCausalLM.from_pretrained
         save_llm(run.out_dir / "final", run.model, run.tokenizer, merge_lora=True)
     atomic_write_json(run.out_dir / "metrics.json", metrics)
     atomic_write_json(run.out_dir / "config.json", dataclasses.asdict(run.cfg))
 
 
-def _resume_or_start(run: Run) -> dict:
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "eval_history": [], "metrics": {}}
-    last = latest_checkpoint(run.out_dir) if run.cfg.resume else None
-    if last is not None:
-        state = load_checkpoint(last, run.model, run.optimizer, run.scheduler)
-    if run.is_main and run.cfg.resume:
-        print(f"[train] 从检查点 {last} 继续（第 {state['step']} 步）。" if last else
-              f"[train] {run.ckpt_dir} 中没有检查点，从头开始训练。")
-    return state
-
-
 # ---------------------------------------------------------------------------------------------- train
 def train(config: TrainConfig | None = None, on_log=None, model=None, tokenizer=None) -> TrainResult:
     """Run Stage 1 or 2 (``config.stage``). ``on_log(history)`` is called after every logged step (the
-    notebook's live plot).
-
-    Ctrl-C (KeyboardInterrupt) saves a checkpoint and returns what was trained so far.
-    """
+    notebook's live plot). Ctrl-C (KeyboardInterrupt) saves a checkpoint and returns what was trained so far."""
     cfg = config or TrainConfig.for_profile()
     run = setup(cfg, model, tokenizer)
     if run.is_main:
         run.ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = _resume_or_start(run)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "eval_history": [], "metrics": {}}
+    last = latest_checkpoint(run.out_dir) if cfg.resume else None
+    if last is not None:
+        state = load_checkpoint(last, run.model, run.optimizer, run.scheduler)
+    if run.is_main and cfg.resume:
+        print(f"[train] 从检查点 {last} 继续（第 {state['step']} 步）。" if last else
+              f"[train] {run.ckpt_dir} 中没有检查点，从头开始训练。")
     log = _Logger(run, state["step"])
     if state["step"] == 0:
         state["metrics"]["eval_loss_before"] = run_eval(run, 0, log, "训练前 ")["eval_loss"]
@@ -621,7 +569,8 @@ def train(config: TrainConfig | None = None, on_log=None, model=None, tokenizer=
         log.bar.close()
     if not interrupted:
         _finish(run, state, log, time.time() - t_start, samples, data_wait)
-    log.close()
+    if log.writer:
+        log.writer.close()
     if run.world_size > 1:
         torch.distributed.barrier()
     return TrainResult(run.out_dir, state["history"], state["metrics"], interrupted)
@@ -637,20 +586,15 @@ def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _parser():
+def main(argv=None) -> int:
     import argparse
     p = argparse.ArgumentParser(prog="llava-train", description="LLaVA 训练。Stage 1（默认）：只训练投影层，视觉塔与 LLM "
                                 "冻结；Stage 2（--stage 2）：从 Stage 1 的投影层出发，用多轮图文对话训练投影层和 LLM（或 --lora）。"
                                 "每个选项都对应 TrainConfig 的一个字段；不写的选项取配置档（--profile）的默认值。")
     p.add_argument("--out", dest="out_dir", default=None, help="输出目录（同 --out-dir）")
     cfg_mod.add_config_flags(p)
-    return p
-
-
-def main(argv=None) -> int:
     try:
-        cfg = cfg_mod.config_from_args(_parser().parse_args(argv))
-        result = train(cfg)
+        result = train(cfg_mod.config_from_args(p.parse_args(argv)))
     except (TrainingError, cfg_mod.MissingResourceError, cfg_mod.ConfigError) as e:
         print(f"错误：{e}", file=sys.stderr)
         return 2

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-# ---------------------------------------------------------------------------------------------------- training
+from .llava import StepOutput, labelled_positions, lean_causal_lm_loss
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -21,6 +20,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
+        # Back through the head as autograd would: the weight in the dtype the forward product used (autocast's).
+        device = h.device.type
+        w = weight.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) and need_grad else weight
         rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
         for s in range(0, h.shape[0], chunk):
             raw = F.linear(h[s:s + chunk], weight)                      # [c, V] (bf16 under autocast)
@@ -33,9 +35,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             if need_grad:
                 p = logits.sub_(lse[:, None]).exp_()                    # softmax, in place
                 p[rows[:y.shape[0]], y] -= 1.0                           # d(sum CE)/d(logits)
-                # Back through the head as autograd would: the gradient in the logits' dtype, times the weight in
-                # the dtype the forward product used.
-                grad_h[s:s + chunk] = torch.matmul(p.to(raw_dtype), _cast_like_autocast(weight, h))
+                grad_h[s:s + chunk] = torch.matmul(p.to(raw_dtype), w)  # the gradient in the logits' dtype
             del logits
         ctx.save_for_backward(grad_h)
         ctx.h_dtype = h.dtype
@@ -47,56 +47,32 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return (grad_h * grad_total).to(ctx.h_dtype), None, None, None
 
 
-def _cast_like_autocast(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The weight in the dtype the head's matmul used in the forward (autocast's dtype, if autocast is on)."""
-    if torch.is_autocast_enabled(h.device.type):
-        return weight.to(torch.get_autocast_dtype(h.device.type))
-    return weight
-
-
 def fused_lean_causal_lm_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 4096):
     """Drop-in for :func:`llava_lib.model.llava.lean_causal_lm_loss` (same arguments, same ``StepOutput``)."""
-    from .llava import StepOutput, labelled_positions
-    h, y = labelled_positions(hidden, labels)
-    n = y.numel()
-    if n == 0:
-        return StepOutput(hidden.sum() * 0.0, 0)
     if getattr(lm_head, "bias", None) is not None:                      # Qwen3's head has none; stay exact otherwise
-        from .llava import lean_causal_lm_loss
         return lean_causal_lm_loss(lm_head, hidden, labels, chunk)
-    total = _HeadCrossEntropy.apply(h, lm_head.weight, y, chunk)
-    return StepOutput(total / n, n)
+    h, y = labelled_positions(hidden, labels)
+    if y.numel() == 0:
+        return StepOutput(hidden.sum() * 0.0, 0)
+    return StepOutput(_HeadCrossEntropy.apply(h, lm_head.weight, y, chunk) / y.numel(), y.numel())
 
 
-def _decoder_layers(model, vision: bool = True) -> list[nn.Module]:
-    layers = list(model.llm.model.layers)
-    if vision and getattr(model, "vision", None) is not None:
-        layers += list(model.vision.vision_model.encoder.layers)
-    return layers
+def _tower_layers(model) -> list[nn.Module]:
+    vision = list(model.vision.vision_model.encoder.layers) if model.vision is not None else []
+    return list(model.llm.model.layers) + vision
 
 
-def compile_towers(model, *, dynamic: bool | None = True, backend: str = "inductor", mode: str | None = None,
-                   vision: bool = True) -> int:
-    """``torch.compile`` each decoder layer of the frozen LLM (and vision tower) in place; returns how many.
-
-    Identical layers share one compiled graph (compile time of one layer per tower); ``dynamic=True`` lets
-    batches of any shape reuse it."""
-    layers = _decoder_layers(model, vision)
-    kwargs = {"dynamic": dynamic, "backend": backend}
-    if mode is not None:
-        kwargs["mode"] = mode
-    for layer in layers:
-        layer.compile(**kwargs)
+def compile_towers(model, *, backend: str = "inductor") -> None:
+    """``torch.compile`` each decoder layer of the frozen LLM and vision tower in place. Identical layers share one
+    compiled graph (compile time of one layer per tower); ``dynamic=True`` lets batches of any shape reuse it."""
+    for layer in _tower_layers(model):
+        layer.compile(dynamic=True, backend=backend)
     model.compiled_towers = True
-    return len(layers)
 
 
 def uncompile_towers(model) -> None:
     """Back to eager layers (``compile_towers`` undone); ``torch._dynamo.reset()`` drops all compiled code."""
-    for layer in _decoder_layers(model):
+    for layer in _tower_layers(model):
         layer._compiled_call_impl = None
     model.compiled_towers = False
-    import torch._dynamo
     torch._dynamo.reset()
-
-

@@ -17,7 +17,12 @@ FORMAT = 1
 
 
 class CheckpointMismatchError(ValueError):
-    """A projection checkpoint that does not fit the model; the message lists what differs."""
+    """A checkpoint (projection, LLM or ModelScope CLIP) that does not fit the model; ``problems`` lists each
+    difference, and the message names them."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -40,11 +45,6 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, json.dumps(obj, ensure_ascii=False, indent=2).encode("utf-8"))
 
 
-def _projector(model):
-    """The projection module itself, also when DDP wraps it (its state-dict keys must not say ``module.``)."""
-    return getattr(model.projector, "module", model.projector)
-
-
 def projection_meta(model) -> dict:
     return {"format": FORMAT, "projector_type": model.projector_type, "vision_hidden": model.vision.hidden_size,
             "llm_hidden": model.llm.config.hidden_size, "feature_layer": model.vision.feature_layer,
@@ -54,17 +54,17 @@ def projection_meta(model) -> dict:
 def save_projection(directory: str | Path, model, extra: dict | None = None) -> Path:
     """Write ``projection.safetensors`` and ``projection.json`` into ``directory``; returns the directory."""
     directory = Path(directory)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in _projector(model).state_dict().items()}
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.projector.state_dict().items()}
     atomic_write_bytes(directory / WEIGHTS, save(state, metadata={"format": str(FORMAT)}))
     atomic_write_json(directory / META, {**projection_meta(model), **(extra or {})})
     return directory
 
 
-# Fields that must agree for the weights to mean the same thing; model ids only warn (paths move).
+# Fields that must agree for the weights to mean the same thing (model ids may differ: paths move).
 _MUST_MATCH = ("projector_type", "vision_hidden", "llm_hidden", "feature_layer", "num_image_tokens")
 
 
-def load_projection(directory: str | Path, model, strict_ids: bool = False) -> dict:
+def load_projection(directory: str | Path, model) -> dict:
     """Load weights into ``model.projector`` after checking that the checkpoint fits; returns its JSON."""
     directory = Path(directory)
     if not (directory / WEIGHTS).exists() or not (directory / META).exists():
@@ -73,21 +73,15 @@ def load_projection(directory: str | Path, model, strict_ids: bool = False) -> d
     meta = json.loads((directory / META).read_text(encoding="utf-8"))
     expected = projection_meta(model)
     diffs = [f"{k}: 检查点={meta.get(k)!r}，当前模型={expected[k]!r}" for k in _MUST_MATCH if meta.get(k) != expected[k]]
-    if strict_ids and meta.get("model_ids") != expected["model_ids"]:
-        diffs.append(f"model_ids: 检查点={meta.get('model_ids')!r}，当前模型={expected['model_ids']!r}")
     if diffs:
         raise CheckpointMismatchError(f"检查点 {directory} 与当前模型不匹配：\n  " + "\n  ".join(diffs))
-    projector = _projector(model)
-    projector.load_state_dict(load_file(str(directory / WEIGHTS), device=str(next(projector.parameters()).device)))
+    model.projector.load_state_dict(load_file(str(directory / WEIGHTS)))  # copied onto the projection's device
     return meta
 
 
 def list_runs(checkpoints_dir: str | Path) -> list[dict]:
-    """Trained runs under ``checkpoints_dir`` (``llava-train`` and notebook runs alike), newest first.
-
-    A run is a folder with ``final/projection.json``. Each entry: ``name``, ``dir``, ``projection`` (the folder to
-    load), ``profile``, ``steps``, ``stage`` (1 or 2), ``modified`` (seconds since the epoch), ``metrics`` (``metrics.json`` or ``{}``).
-    """
+    """Runs (folders with ``final/projection.json``) under ``checkpoints_dir``, newest first: ``name``, ``dir``,
+    ``projection`` (the folder to load), ``profile``, ``steps``, ``stage``, ``modified``, ``metrics``."""
     runs = []
     for meta_file in Path(checkpoints_dir).glob(f"*/final/{META}"):
         run_dir = meta_file.parent.parent
@@ -109,12 +103,9 @@ def _read_json(path: Path) -> dict:
 
 
 def save_llm(directory: str | Path, model, tokenizer=None, merge_lora: bool = False) -> None:
-    """The Stage 2 LLM into ``directory``: ``llm/`` (full weights, safetensors) or ``llm_lora/`` (adapters only).
-
-    ``merge_lora``: fold the adapters into the weights first and write ``llm/`` (the final model; the live model
-    keeps the merged weights and no adapters). ``tokenizer`` is saved beside the weights so that ``llm/`` is a
-    complete Qwen3 directory.
-    """
+    """The Stage 2 LLM into ``directory``: ``llm/`` (full weights) or ``llm_lora/`` (adapters only). ``merge_lora``
+    folds the adapters into the live model's weights first and writes ``llm/``; with ``tokenizer`` beside it,
+    ``llm/`` is a complete Qwen3 directory."""
     directory = Path(directory)
     if model.peft is not None and not merge_lora:
         model.peft.save_pretrained(str(directory / LORA_DIR))
@@ -139,9 +130,7 @@ def load_llm_weights(directory: str | Path, model) -> None:
     files = sorted((directory / LLM_DIR).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"在 {directory} 中找不到 Stage 2 的 LLM 权重（{LLM_DIR}/*.safetensors 或 {LORA_DIR}/）。")
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    state = {k: v for f in files for k, v in load_file(str(f)).items()}
     missing, unexpected = model.llm.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if model.llm.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:

@@ -18,7 +18,7 @@ import torch
 from transformers import ChineseCLIPConfig, ChineseCLIPModel, ChineseCLIPTextConfig, ChineseCLIPVisionConfig
 
 from llava_lib import config as llava_config
-from llava_lib.model.checkpoint import CheckpointMismatchError as _CheckpointMismatchError
+from llava_lib.model.checkpoint import CheckpointMismatchError, atomic_write_json
 from llava_lib.process import CLIP_MEAN, CLIP_STD
 
 MS_VISION_CONFIG, MS_TEXT_CONFIG, MS_VOCAB = "vision_model_config.json", "text_model_config.json", "vocab.txt"
@@ -35,15 +35,6 @@ _VISION_NAMES = (("embeddings.patch_embedding.weight", "conv1.weight"),
                  ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
 # No target on purpose: ChineseCLIPModel has no text pooler (ModelScope's encode_text uses [CLS], not the pooler).
 _DROPPED = {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
-
-
-class CheckpointMismatchError(_CheckpointMismatchError):
-    """The checkpoint's keys or shapes do not fit the target model; ``problems`` lists each one. A subclass of the
-    library-wide (``ValueError``) one, so one ``except`` catches a bad projection and a bad CLIP checkpoint."""
-
-    def __init__(self, message: str, problems: list[str] | None = None):
-        super().__init__(message)
-        self.problems = list(problems or [])
 
 
 def modelscope_to_hf_config(ms_config: Mapping) -> ChineseCLIPConfig:
@@ -81,12 +72,6 @@ def modelscope_to_hf_config(ms_config: Mapping) -> ChineseCLIPConfig:
                              projection_dim=int(c["embed_dim"]))
 
 
-def normalize_modelscope_keys(ms_sd: Mapping) -> dict[str, torch.Tensor]:
-    """Undo the wrappers ModelScope's loader strips: ``{"state_dict": ...}``, ``module.``, ``clip_model.``."""
-    sd = ms_sd.get("state_dict", ms_sd)
-    return {re.sub(r"^(module\.)?(clip_model\.)?", "", k): v for k, v in sd.items()}
-
-
 def _source(key: str) -> tuple[str, str]:
     """The ModelScope key a transformers key comes from, and how: ``copy``, ``t`` (transposed) or ``q``/``k``/``v``
     (that third of the packed ``in_proj``)."""
@@ -102,20 +87,14 @@ def _source(key: str) -> tuple[str, str]:
     return "visual." + key, how
 
 
-def _fmt(shape) -> str:
-    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
-
-
-def convert_state_dict(ms_sd: Mapping[str, torch.Tensor], config: ChineseCLIPConfig | ChineseCLIPVisionConfig,
-                       dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-    """A ModelScope Chinese-CLIP state dict on ``ChineseCLIPModel``'s keys, cast to ``dtype`` (None: as stored).
-
-    With a ``ChineseCLIPVisionConfig`` the source is the visual tower alone (with or without the ``visual.`` prefix)
-    and the result fits ``ChineseCLIPVisionModel``, which has no projection. Raises :class:`CheckpointMismatchError`
-    naming every missing, unused or mis-shaped key.
-    """
+def convert_state_dict(ms_sd: Mapping[str, torch.Tensor], config: ChineseCLIPConfig | ChineseCLIPVisionConfig
+                       ) -> dict[str, torch.Tensor]:
+    """A ModelScope Chinese-CLIP state dict on ``ChineseCLIPModel``'s keys, in fp32; with a ``ChineseCLIPVisionConfig``,
+    the visual tower alone (``visual.`` prefix optional) on ``ChineseCLIPVisionModel``'s. Raises
+    :class:`CheckpointMismatchError` naming every missing, unused or mis-shaped key."""
     from transformers import ChineseCLIPVisionModel
-    sd = normalize_modelscope_keys(ms_sd)
+    # Undo the wrappers ModelScope's loader strips: ``{"state_dict": ...}``, ``module.``, ``clip_model.``.
+    sd = {re.sub(r"^(module\.)?(clip_model\.)?", "", k): v for k, v in ms_sd.get("state_dict", ms_sd).items()}
     vision_only = isinstance(config, ChineseCLIPVisionConfig)
     if vision_only and not any(k.startswith("visual.") for k in sd):
         sd = {f"visual.{k}": v for k, v in sd.items()}
@@ -132,15 +111,15 @@ def convert_state_dict(ms_sd: Mapping[str, torch.Tensor], config: ChineseCLIPCon
         need = shape[::-1] if how == "t" else (3 * shape[0], *shape[1:]) if how in ("q", "k", "v") else shape
         names = ", ".join(k for k, _ in dsts)
         if src not in sd:
-            problems.append(f"缺少权重 {src}（需要形状 {_fmt(need)}，对应目标 {names}）")
+            problems.append(f"缺少权重 {src}（需要形状 {list(need)}，对应目标 {names}）")
         elif tuple(sd[src].shape) != need:
-            problems.append(f"权重 {src} 的形状是 {_fmt(sd[src].shape)}，但目标 {names} 需要 {_fmt(need)}")
+            problems.append(f"权重 {src} 的形状是 {list(sd[src].shape)}，但目标 {names} 需要 {list(need)}")
         else:
-            t = sd[src] if dtype is None else sd[src].to(dtype)
+            t = sd[src].float()
             for key, how in dsts:
                 out[key] = (t.t() if how == "t" else t.chunk(3)["qkv".index(how)] if how != "copy" else t).contiguous()
     for k in sorted(set(sd) - set(by_source) - _DROPPED - ({"visual.proj"} if vision_only else set())):
-        problems.append(f"多余的权重 {k}（形状 {_fmt(getattr(sd[k], 'shape', ()))}）：目标模型中没有对应的参数")
+        problems.append(f"多余的权重 {k}（形状 {list(getattr(sd[k], 'shape', ()))}）：目标模型中没有对应的参数")
     if problems:
         more = f"\n  ……另有 {len(problems) - 20} 处" if len(problems) > 20 else ""
         raise CheckpointMismatchError(
@@ -190,7 +169,7 @@ def _missing(path: Path, why: str) -> llava_config.MissingResourceError:
         f"或把环境变量 {llava_config.ENV_VARS['clip_path']} 指向已有的 Chinese-CLIP 目录（transformers 格式或 ModelScope 格式均可）。")
 
 
-def load_chinese_clip(path: str | Path, dtype: torch.dtype | None = None, **from_pretrained_kwargs) -> ChineseCLIPModel:
+def load_chinese_clip(path: str | Path) -> ChineseCLIPModel:
     """Chinese-CLIP from a transformers directory, or from a ModelScope one converted once (into
     :func:`converted_dir_for`); otherwise ``MissingResourceError`` naming the path and the download command."""
     path = Path(path).expanduser()
@@ -202,9 +181,7 @@ def load_chinese_clip(path: str | Path, dtype: torch.dtype | None = None, **from
         raise _missing(path, f"中的 config.json 不是 Chinese-CLIP（model_type={_model_type(path)!r}）" if (
             path / "config.json").is_file() else f"既不是 transformers 格式（缺少 config.json），也不是 ModelScope 格式（缺少 "
                                                   f"{MS_VISION_CONFIG} 或权重文件）")
-    if dtype is not None:
-        from_pretrained_kwargs.setdefault("dtype", dtype)
-    return ChineseCLIPModel.from_pretrained(path, **from_pretrained_kwargs).eval()
+    return ChineseCLIPModel.from_pretrained(path).eval()
 
 
 def convert_modelscope_dir(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
@@ -223,7 +200,7 @@ def convert_modelscope_dir(src: str | Path, dst: str | Path, overwrite: bool = F
                               f"请换一个目录，或确认可以覆盖后使用 overwrite=True。")
     print(f"正在把 ModelScope 格式的 Chinese-CLIP 转换为 transformers 格式：{src} -> {dst}")
     try:  # weights_only: no pickle code runs
-        ms_sd = normalize_modelscope_keys(torch.load(_weights(src), map_location="cpu", weights_only=True))
+        ms_sd = torch.load(_weights(src), map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file, or a pickle that needs code execution
         raise CheckpointMismatchError(f"无法读取权重文件 {_weights(src)}：{e}\n  文件可能下载不完整；请删除后运行 "
                                       f"`{llava_config.DOWNLOAD_CMDS['clip_path']}` 重新下载。") from e
@@ -238,18 +215,14 @@ def convert_modelscope_dir(src: str | Path, dst: str | Path, overwrite: bool = F
         # ``vocab=`` (a path) is what transformers 5 reads; ``vocab_file=`` would be silently ignored.
         tokenizer=BertTokenizer(vocab=str(src / MS_VOCAB), do_lower_case=True, model_max_length=512))
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with tempfile.TemporaryDirectory(prefix=f".{dst.name}.tmp-", dir=dst.parent, ignore_cleanup_errors=True) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        shutil.copyfile(src / MS_VOCAB, tmp / MS_VOCAB)  # older tokenizer loaders look for vocab.txt
-        provenance = {"source": str(src), "source_model_id": llava_config.CLIP_MODEL_ID}
-        (tmp / "conversion.json").write_text(json.dumps(provenance, ensure_ascii=False, indent=2), encoding="utf-8")
+        shutil.copyfile(src / MS_VOCAB, Path(tmp) / MS_VOCAB)  # older tokenizer loaders look for vocab.txt
+        atomic_write_json(Path(tmp) / "conversion.json",
+                          {"source": str(src), "source_model_id": llava_config.CLIP_MODEL_ID})
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"转换完成：{dst}")
     return dst

@@ -23,42 +23,32 @@ class StepOutput:
     n_label_tokens: int
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    module.requires_grad_(False)
-    module.eval()
-    return module
-
-
 class LlavaStage1(nn.Module):
     # A right-padded batch needs no attention mask in a causal LM: a real token only sees earlier, real tokens, so
     # the mask changes nothing where a label is, and without it SDPA runs its causal flash kernel (docs/perf_notes.md).
     drop_redundant_mask: bool = True
 
-    def __init__(self, vision: VisionTower | None, llm: nn.Module, projector_type: str = "linear",
-                 image_token_id: int = IMAGE_PAD_ID, head_loss=None):
+    def __init__(self, vision: VisionTower | None, llm: nn.Module, projector_type: str = "linear"):
         super().__init__()
         self.vision = vision
-        self.llm = freeze(llm)
-        self.image_token_id = image_token_id
+        self.llm = llm.requires_grad_(False).eval()
+        self.image_token_id = IMAGE_PAD_ID
         self.projector_type = projector_type
         self.projector = None
         if vision is not None:
             # The projection stays fp32 whatever the towers' dtype (training it in bf16 would lose its small updates).
             self.projector = build_projector(projector_type, vision.hidden_size, llm.config.hidden_size).float()
-            self.projector.to(next(llm.parameters()).device)
-        # ``head_loss(lm_head, hidden, labels, chunk) -> StepOutput``: how the loss over the LM head is computed.
-        # Every choice gives the same value; they differ in memory and speed (see ``train.pick_head_loss``).
-        self.head_loss = head_loss or lean_causal_lm_loss
+            self.projector.to(self.device)
+        # ``head_loss(lm_head, hidden, labels, chunk) -> StepOutput``: every choice (``train.pick_head_loss``) gives
+        # the same value; they differ in memory and speed.
+        self.head_loss = lean_causal_lm_loss
         self.llm_trainable = False
         self.peft = None  # the peft wrapper when Stage 2 trains LoRA adapters (its weights live inside self.llm)
 
     def unfreeze_llm(self, lora: dict | None = None, train_embeddings: bool = True) -> None:
-        """Stage 2: the LLM learns too, all of it, or only LoRA adapters on attention (``lora``: r, alpha).
-        ``train_embeddings=False`` keeps the token embeddings (and a head tied to them) frozen.
-
-        With LoRA the adapters are put into ``self.llm`` in place (peft's wrapper is kept in ``self.peft`` for
-        saving and merging), so the forward below, which calls the LLM's body and head separately, is unchanged.
-        """
+        """Stage 2: the LLM learns too, all of it (``train_embeddings=False``: not the embeddings and a head tied to
+        them), or only LoRA adapters on attention (``lora``: r, alpha). peft puts the adapters into ``self.llm`` in
+        place (its wrapper, kept in ``self.peft``, saves and merges them), so the forward below is unchanged."""
         if lora:
             from peft import LoraConfig, get_peft_model
             config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.05,
@@ -93,14 +83,12 @@ class LlavaStage1(nn.Module):
         feats = self.vision(pixel_values.to(self.device))           # no_grad inside, [N,197,D_v]
         return self.projector(feats.to(next(self.projector.parameters()).dtype))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_features: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the projected image features written at the ``<|image_pad|>`` positions."""
         embeds = self.llm.get_input_embeddings()(input_ids)          # [B,T,D_llm], frozen
         is_image = input_ids == self.image_token_id
         n_slots = int(is_image.sum())
-        if image_features is None and pixel_values is not None:
-            image_features = self.project_images(pixel_values)
+        image_features = None if pixel_values is None else self.project_images(pixel_values)
         n_feats = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
         if n_slots != n_feats:
             raise ValueError(
@@ -112,8 +100,7 @@ class LlavaStage1(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_features.to(embeds.dtype))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                logits_chunk: int = 4096) -> StepOutput:
+                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None) -> StepOutput:
         """The lean loss: the LM head runs only at positions whose next token has a label."""
         input_ids = input_ids.to(self.device)
         embeds = self.embed(input_ids, pixel_values)
@@ -123,7 +110,7 @@ class LlavaStage1(nn.Module):
             attention_mask = attention_mask.to(self.device)
         # use_cache=False: a training forward has no use for a KV cache (the config's default would build one).
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.head_loss(self.llm.lm_head, hidden, labels.to(self.device), logits_chunk)
+        return self.head_loss(self.llm.lm_head, hidden, labels.to(self.device))
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
@@ -141,11 +128,8 @@ def labelled_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torc
 
 def lean_causal_lm_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
                         chunk: int = 4096) -> StepOutput:
-    """Mean next-token cross-entropy, evaluating the (151,936-way) head only at labelled positions.
-
-    Equal to transformers' causal-LM loss (shift by one, ignore -100, mean over label tokens), without ever
-    building ``[B, T, vocab]`` logits; rows are processed in chunks to bound the logits' memory.
-    """
+    """Mean next-token cross-entropy, evaluating the (151,936-way) head only at labelled positions: equal to
+    transformers' causal-LM loss without ever building ``[B, T, vocab]`` logits (rows in chunks bound their memory)."""
     h, y = labelled_positions(hidden, labels)
     n = y.numel()
     if n == 0:

@@ -12,6 +12,8 @@ from transformers import AutoTokenizer, ChineseCLIPModel, ChineseCLIPVisionModel
 from transformers.utils import logging as hf_logging
 
 from ..config import BUILD_MINI_CMD, DOWNLOAD_CMDS, MissingResourceError, Paths, check_path, resolve
+from .checkpoint import META, load_projection
+from .convert_modelscope import load_chinese_clip
 from .llava import LlavaStage1
 from .vision import VisionTower
 
@@ -23,16 +25,12 @@ def default_device() -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 for the frozen towers on a GPU that supports it (half the memory, and the towers are never trained),
     fp32 on CPU, where bf16 matmuls are slow."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def pick_attention(device: torch.device) -> str:
     """flash-attention 2 when installed and on CUDA, else PyTorch SDPA."""
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
 def load_tokenizer(path: str | Path):
@@ -63,11 +61,8 @@ def _require_complete(info: dict, what: str, path, fix: str, allowed_unexpected=
 
 def load_llm(path: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None,
              attn_implementation: str | None = None) -> Qwen3ForCausalLM:
-    """Qwen3 from a local directory (``Qwen/Qwen3-0.6B`` layout or the mini LM), frozen.
-
-    A checkpoint that lacks weights is an error naming them. A tied ``lm_head.weight`` (``tie_word_embeddings``)
-    is not missing: transformers ties it to the embeddings and does not report it.
-    """
+    """Qwen3 from a local directory (``Qwen/Qwen3-0.6B`` layout or the mini LM), frozen; missing weights are an
+    error naming them (a tied ``lm_head.weight`` is not reported missing: transformers ties it)."""
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     attn = attn_implementation or pick_attention(device)
@@ -101,9 +96,7 @@ def load_clip(path: str | Path, device: torch.device | None = None, dtype: torch
               ) -> ChineseCLIPModel:
     """The whole Chinese-CLIP (both sides), for the matching notebook; ModelScope layout is converted."""
     device = device or default_device()
-    from .convert_modelscope import load_chinese_clip  # ModelScope layout support lives there
-    model = load_chinese_clip(path)
-    return model.to(device=device, dtype=dtype or default_dtype(device)).requires_grad_(False).eval()
+    return load_chinese_clip(path).to(device=device, dtype=dtype or default_dtype(device)).requires_grad_(False).eval()
 
 
 # The text side of a whole Chinese-CLIP checkpoint (and its projections): in the file, not in the vision model.
@@ -112,8 +105,8 @@ _CLIP_TEXT_SIDE = re.compile(r"^(text_model\.|text_projection\.|visual_projectio
 
 @contextmanager
 def _errors_only():
-    """transformers' errors only, while the vision side is read out of a whole CLIP: its loading report would list
-    every text-side weight as unexpected. :func:`_require_complete` checks the same information."""
+    """transformers' errors only: reading the vision side of a whole CLIP, its report would list every text-side
+    weight as unexpected (:func:`_require_complete` checks the same information)."""
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -143,10 +136,8 @@ def build_model(paths: Paths | None = None, device: torch.device | str | None = 
                 projector_type: str = "linear", feature_layer: int = -1, dtype: torch.dtype | None = None,
                 with_vision: bool = True, llm_dir: str | Path | None = None, llm_dtype: torch.dtype | None = None):
     """``(model, tokenizer)``: the towers for ``paths`` (default: the resolved profile), a fresh projection between.
-
     ``llm_dir`` replaces ``paths.llm_path`` (a Stage 2 model's own LLM); ``llm_dtype`` replaces ``dtype`` for the
-    LLM (Stage 2 trains it in fp32 under bf16 autocast: AdamW's small updates would vanish in bf16 weights).
-    """
+    LLM (Stage 2 trains it in fp32 under bf16 autocast: AdamW's small updates would vanish in bf16 weights)."""
     paths = paths or resolve()
     device = torch.device(device) if device is not None else default_device()
     llm_dir = Path(llm_dir) if llm_dir is not None else check_path(paths, "llm_path")
@@ -163,7 +154,6 @@ def load_trained(directory: str | Path, paths: Paths | None = None, device: torc
     """The model a checkpoint was trained for: towers from ``paths`` (a Stage 2 checkpoint brings its own LLM in
     ``llm/``), the projection's type and vision layer from its ``projection.json``, then its weights (checked to
     fit). Returns ``(model, tokenizer, meta)``."""
-    from .checkpoint import META, load_projection
     meta_file = Path(directory) / META
     if not meta_file.is_file():
         raise FileNotFoundError(f"在 {directory} 中找不到 {META}：这不是一个训练好的投影层目录（应是某次运行的 final/ 或 "

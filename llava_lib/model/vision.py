@@ -7,13 +7,9 @@ from transformers import ChineseCLIPVisionModel
 
 
 class VisionTower(nn.Module):
-    """``[B, 3, 224, 224] -> [B, 197, D]``: CLS + 14x14 patch tokens of ``feature_layer``.
-
-    The same features as transformers' Llava with ``vision_feature_select_strategy="full"``, so an export is exact.
-
-    ``feature_layer`` counts like transformers' ``hidden_states``: -1 is the last layer, -2 the one before, 1 the
-    first. Only the layers up to the chosen one run. The tower is frozen: no gradients, always eval mode.
-    """
+    """``[B, 3, 224, 224] -> [B, 197, D]``: CLS + 14x14 patch tokens of ``feature_layer``, as transformers' Llava
+    with ``vision_feature_select_strategy="full"`` (so an export is exact). ``feature_layer`` counts like
+    ``hidden_states`` (-1 the last layer, 1 the first); only the layers up to it run. Frozen, always in eval mode."""
 
     def __init__(self, vision_model: ChineseCLIPVisionModel, feature_layer: int = -1):
         super().__init__()
