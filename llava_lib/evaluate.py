@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
 import json
 import sys
@@ -20,7 +19,8 @@ import torch
 from . import config as cfg_mod
 from . import train
 from .chat import answer_turns, caption
-from .model.checkpoint import META
+from .export import find_checkpoint
+from .model.checkpoint import RUN_INFO, run_config
 
 MAX_NEW_TOKENS = {1: 48, 2: 32}  # the trainer's caption / answer budgets
 DEFAULT_N = {1: 100, 2: 50}      # when the run's config measured none
@@ -42,26 +42,8 @@ def load_export(path, device=None):
     return model.to(device or "cpu"), AutoTokenizer.from_pretrained(str(path))
 
 
-def run_config(checkpoint, profile: str | None = None) -> cfg_mod.TrainConfig:
-    """The ``TrainConfig`` of the run a checkpoint (or an export) comes from, as its ``config.json`` has it; the
-    profile's defaults when there is none."""
-    from .export import RUN_INFO, find_checkpoint, run_files
-    path = Path(checkpoint).expanduser()
-    if (path / RUN_INFO).is_file():
-        info = json.loads((path / RUN_INFO).read_text(encoding="utf-8"))
-        saved, stage = info["train_config"], info["stage"]
-    else:
-        ckpt = find_checkpoint(path)
-        saved, stage = run_files(ckpt)[0], json.loads((ckpt / META).read_text(encoding="utf-8")).get("stage", 1)
-    names = {f.name for f in dataclasses.fields(cfg_mod.TrainConfig)}
-    if saved:
-        return cfg_mod.TrainConfig(**{k: v for k, v in saved.items() if k in names})
-    return cfg_mod.TrainConfig.for_profile(profile, stage=stage)
-
-
 def load(checkpoint, profile: str | None = None, device=None):
     """``(model, tokenizer, TrainConfig of the run)`` for a run folder, a checkpoint or an export."""
-    from .export import RUN_INFO, find_checkpoint
     from .model.loading import load_trained
     cfg, path = run_config(checkpoint, profile), Path(checkpoint).expanduser()
     if (path / RUN_INFO).is_file():

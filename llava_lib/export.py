@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 
 from . import config as cfg_mod
-from .model.checkpoint import META
+from .model.checkpoint import META, RUN_INFO, find_projection, run_config, run_files
 from .process import CLIP_MEAN, CLIP_STD, IMAGE_MARKER, IMAGE_PAD, IMAGE_PAD_ID, VISION_END, VISION_START
 
-RUN_INFO = "llava_run.json"  # the run's training config and metrics, for ``llava_lib.evaluate`` on the export
 _BLOCK = VISION_START + IMAGE_PAD + VISION_END  # the processor repeats IMAGE_PAD once per image token
 
 # Put before the LLM's own template: every message's content becomes the string training rendered (a llava-hf
@@ -43,22 +42,10 @@ class ExportError(ValueError):
 
 def find_checkpoint(path) -> Path:
     """The folder with ``projection.json``: ``path`` itself or its ``final/``."""
-    path = Path(path).expanduser()
-    for p in (path, path / "final"):
-        if (p / META).is_file():
-            return p
-    raise ExportError(f"在 {path} 中找不到 {META}：请传入训练输出目录、其中的 final/ 或 checkpoints/step-N/。")
-
-
-def run_files(ckpt: Path) -> tuple[dict, dict]:
-    """(training config, metrics) of the run a checkpoint belongs to; ``{}`` where not written (yet)."""
-    for run in (ckpt.parent, ckpt.parent.parent):
-        if (run / "config.json").is_file():
-            cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))
-            if "profile" in cfg:
-                m = run / "metrics.json"
-                return cfg, json.loads(m.read_text(encoding="utf-8")) if m.is_file() else {}
-    return {}, {}
+    found = find_projection(path)
+    if found is None:
+        raise ExportError(f"在 {path} 中找不到 {META}：请传入训练输出目录、其中的 final/ 或 checkpoints/step-N/。")
+    return found
 
 
 def to_llava(model, dtype: torch.dtype = torch.float32):
@@ -103,7 +90,6 @@ def build_processor(tokenizer, image_size: int, patch_size: int):
 def export(checkpoint, out, profile: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
     """Write the llava-hf folder of ``checkpoint`` (a run folder, its ``final/`` or a ``step-N/``) into ``out``."""
     from .chat import chat_generation_config
-    from .evaluate import run_config
     from .model.loading import load_trained
     ckpt, out = find_checkpoint(checkpoint), Path(out).expanduser()
     train_cfg, metrics = run_files(ckpt)

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Subset
 
 from . import config as cfg_mod
 from .config import TrainConfig
-from .model.checkpoint import META, atomic_write_json, load_llm_weights, load_projection, save_llm, save_projection
+from .model.checkpoint import (META, atomic_write_json, find_projection, load_llm_weights, load_projection, save_llm,
+                               save_projection)
 from .model.llava import lean_causal_lm_loss
 
 __all__ = ["TrainConfig", "TrainingError", "TrainResult", "Run", "setup", "train_step", "evaluate", "train",
@@ -281,12 +282,12 @@ def stage1_projection(cfg: TrainConfig) -> tuple[Path, dict]:
     """Where Stage 2 starts, and its ``projection.json``: ``cfg.stage1`` (a run folder or its ``final/``), else the
     profile's default Stage 1 run; on the mini profile that run is trained first when it does not exist yet."""
     given = Path(cfg.stage1).expanduser() if cfg.stage1 else Path(cfg.paths.checkpoints_dir) / f"stage1-{cfg.profile}"
-    for p in (given, given / "final"):
-        if (p / META).is_file():
-            meta = json.loads((p / META).read_text(encoding="utf-8"))
-            if meta.get("stage", 1) != 1:
-                raise cfg_mod.ConfigError(f"{p} 是 Stage 2 的检查点；--stage1 要指向 Stage 1 的运行。")
-            return p, meta
+    found = find_projection(given)
+    if found is not None:
+        meta = json.loads((found / META).read_text(encoding="utf-8"))
+        if meta.get("stage", 1) != 1:
+            raise cfg_mod.ConfigError(f"{found} 是 Stage 2 的检查点；--stage1 要指向 Stage 1 的运行。")
+        return found, meta
     if cfg.stage1 or cfg.profile != "mini" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise cfg_mod.MissingResourceError(
             f"找不到 Stage 1 的投影层：{given}（应有 {META}，或其中的 final/{META}）。\n  解决办法：先训练 Stage 1"

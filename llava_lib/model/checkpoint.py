@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 from safetensors.torch import load_file, save
 
+from ..config import TrainConfig
+
 WEIGHTS = "projection.safetensors"
 META = "projection.json"
+RUN_INFO = "llava_run.json"  # an export's record of its run (training config and metrics)
 LLM_DIR, LORA_DIR = "llm", "llm_lora"
 FORMAT = 1
 
@@ -100,6 +104,37 @@ def _read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+
+
+def find_projection(path) -> Path | None:
+    """The folder holding ``projection.json``: ``path`` itself or its ``final/`` (None: neither)."""
+    path = Path(path).expanduser()
+    return next((p for p in (path, path / "final") if (p / META).is_file()), None)
+
+
+def run_files(ckpt: Path) -> tuple[dict, dict]:
+    """(training config, metrics) of the run a checkpoint folder belongs to; ``{}`` where not written (yet)."""
+    for run in (ckpt.parent, ckpt.parent.parent):
+        cfg = _read_json(run / "config.json")
+        if "profile" in cfg:
+            return cfg, _read_json(run / "metrics.json")
+    return {}, {}
+
+
+def run_config(checkpoint, profile: str | None = None):
+    """The ``TrainConfig`` of the run a checkpoint (or an export) comes from, as its ``config.json`` has it; the
+    profile's defaults when there is none."""
+    path = Path(checkpoint).expanduser()
+    if (path / RUN_INFO).is_file():
+        info = _read_json(path / RUN_INFO)
+        saved, stage = info["train_config"], info["stage"]
+    else:
+        ckpt = find_projection(path) or path
+        saved, stage = run_files(ckpt)[0], _read_json(ckpt / META).get("stage", 1)
+    if saved:
+        names = {f.name for f in fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    return TrainConfig.for_profile(profile, stage=stage)
 
 
 def save_llm(directory: str | Path, model, tokenizer=None, merge_lora: bool = False) -> None:
