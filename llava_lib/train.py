@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Subset
 
 from . import config as cfg_mod
 from .config import TrainConfig
-from .model.checkpoint import (META, atomic_write_json, find_projection, load_llm_weights, load_projection, save_llm,
-                               save_projection)
+from .files import atomic_write_json
+from .model.checkpoint import META, find_projection, load_llm_weights, load_projection, save_llm, save_projection
 from .model.llava import lean_causal_lm_loss
 
 __all__ = ["TrainConfig", "TrainingError", "TrainResult", "Run", "setup", "train_step", "evaluate", "train",

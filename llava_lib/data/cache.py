@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
+from ..files import TEMP_GLOB, atomic_write_bytes, atomic_write_json
 from ..process import IMAGE_SIZE, resize_square
 from .fetch import EXPIRED_HINT, FetchError, fetch_bytes, fetch_image, reason_label
 from .reader import Row, list_shards, read_sa1b
@@ -212,11 +213,10 @@ def prepare_cache(src, out, *, limit: int | None = None, start: int = 0, workers
                   progress: bool = True, **fetch_opts) -> CacheReport:
     """Build (or resume) the image cache of rows ``[start, start + limit)`` of ``src`` in ``out``; ``fetch_opts``
     go to :func:`~llava_lib.data.fetch.fetch_bytes` (timeout, retries, backoff, max_bytes, url_rewrite)."""
-    from ..model.checkpoint import atomic_write_bytes, atomic_write_json  # not at the top: it imports transformers
     t0, out = time.monotonic(), Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out):
-        for stale in out.glob(".*.tmp"):  # torn writes of a killed run
+        for stale in out.glob(TEMP_GLOB):  # torn writes of a killed run
             stale.unlink(missing_ok=True)
         src_files = list_shards(src)
         meta = dict(format=1, source=[p.name for p in src_files], image_size=IMAGE_SIZE, quality=JPEG_QUALITY)

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .. import config
+from ..files import atomic_write_bytes
 from ..process import IMAGE_SIZE, resize_square
 from .cache import CacheError, encode_jpeg, estimate_download, prepare_cache
 from .fetch import FetchError, fetch_image
@@ -42,7 +43,6 @@ def export_examples(src, out_dir, n: int = 100, *, size: int | None = IMAGE_SIZE
                     **fetch_opts) -> SimpleNamespace:
     """Write the first ``n`` samples that can be fetched, squashed to ``size`` px (None: the original image). The
     report: ``written``, ``skipped`` (row_id, reason) of failed fetches, and ``bad_rows`` that could not be parsed."""
-    from ..model.checkpoint import atomic_write_bytes  # not at the top: it imports transformers
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     rows, report = read_sa1b(src), SimpleNamespace(written=0, skipped=[], bad_rows=0)

@@ -18,7 +18,7 @@ import torch
 from filelock import FileLock
 
 from .. import config
-from ..model.checkpoint import atomic_write_json
+from ..files import atomic_write_json
 from ..process import encode_conversation
 from . import scenes as sc
 

@@ -18,7 +18,8 @@ import torch
 from transformers import ChineseCLIPConfig, ChineseCLIPModel, ChineseCLIPTextConfig, ChineseCLIPVisionConfig
 
 from llava_lib import config as llava_config
-from llava_lib.model.checkpoint import CheckpointMismatchError, atomic_write_json
+from llava_lib.files import atomic_write_json
+from llava_lib.model.checkpoint import CheckpointMismatchError
 from llava_lib.process import CLIP_MEAN, CLIP_STD
 
 MS_VISION_CONFIG, MS_TEXT_CONFIG, MS_VOCAB = "vision_model_config.json", "text_model_config.json", "vocab.txt"
@@ -215,6 +216,8 @@ def convert_modelscope_dir(src: str | Path, dst: str | Path, overwrite: bool = F
         # ``vocab=`` (a path) is what transformers 5 reads; ``vocab_file=`` would be silently ignored.
         tokenizer=BertTokenizer(vocab=str(src / MS_VOCAB), do_lower_case=True, model_max_length=512))
     dst.parent.mkdir(parents=True, exist_ok=True)
+    # Built in a temp folder and renamed into place; a failure removes the folder, and after the rename there is
+    # nothing left to remove (ignore_cleanup_errors).
     with tempfile.TemporaryDirectory(prefix=f".{dst.name}.tmp-", dir=dst.parent, ignore_cleanup_errors=True) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
